@@ -1,0 +1,27 @@
+//! # drover-shared
+//!
+//! The protocol core every Drover component and client builds on. Everything here except
+//! [`topology`] is pure: plain functions over bytes and values, no tokio, no NATS.
+//!
+//! | module | what it holds | SPEC |
+//! |---|---|---|
+//! | [`names`] | every subject, stream, bucket and consumer name, derived from one prefix | §1–§2 |
+//! | [`task`] | the task submission model, its validation, and the task record | §1.1–§1.2 |
+//! | [`error`] | the wire error object `{"error":{code,message,field?,index?}}` | §1.5 |
+//! | [`keyring`] | key ids and secrets, `DROVER_KEYS` parsing, rotation | §3, §8 |
+//! | [`envelope`] | the sealed batch: zstd → AES-256-GCM → HMAC-SHA256, and its verification | §3 |
+//! | [`partition`] | key → partition (FNV-1a 32 mod P) | §4 |
+//! | [`ring`] | partition → worker: bounded-load consistent hashing | §4 |
+//! | [`retry`] | the retry/backoff policy, jitter passed in | §1.1, §7 |
+//! | [`topology`] | NATS adapter: stream/KV/consumer definitions and idempotent provisioning | §2 |
+
+pub mod envelope;
+pub mod error;
+pub mod keyring;
+pub mod names;
+pub mod partition;
+pub mod retry;
+pub mod ring;
+pub mod task;
+#[cfg(feature = "nats")]
+pub mod topology;
