@@ -1,7 +1,7 @@
 //! # drover-shared
 //!
 //! The protocol core every Drover component and client builds on. Everything here except
-//! [`topology`] is pure: plain functions over bytes and values, no tokio, no NATS.
+//! [`connect`] and [`topology`] is pure: plain functions over bytes and values, no tokio, no NATS.
 //!
 //! | module | what it holds | SPEC |
 //! |---|---|---|
@@ -13,8 +13,13 @@
 //! | [`partition`] | key → partition (FNV-1a 32 mod P) | §4 |
 //! | [`ring`] | partition → worker: bounded-load consistent hashing | §4 |
 //! | [`retry`] | the retry/backoff policy, jitter passed in | §1.1, §7 |
+//! | [`config`] | flags and `DROVER_*` variables common to every binary | §10 |
+//! | [`connect`] | NATS adapter: opening the connection | §10 |
 //! | [`topology`] | NATS adapter: stream/KV/consumer definitions and idempotent provisioning | §2 |
 
+pub mod config;
+#[cfg(feature = "nats")]
+pub mod connect;
 pub mod envelope;
 pub mod error;
 pub mod keyring;
