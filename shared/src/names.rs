@@ -199,7 +199,9 @@ impl Names {
     /// Splits `<prefix>.work.<queue>.<partition>` into its queue and partition, or `None` if the
     /// subject is not a well-formed work subject under this prefix.
     pub fn parse_work_subject<'a>(&self, subject: &'a str) -> Option<(&'a str, u32)> {
-        let rest = subject.strip_prefix(self.prefix.as_str())?.strip_prefix(".work.")?;
+        let rest = subject
+            .strip_prefix(self.prefix.as_str())?
+            .strip_prefix(".work.")?;
         let (queue, partition) = rest.split_once('.')?;
         if !is_valid_queue(queue) || partition.is_empty() || partition.starts_with('+') {
             return None;
@@ -219,7 +221,10 @@ mod tests {
         assert_eq!(n.bucket("tasks"), "acme-jobs-tasks");
         assert_eq!(n.work_subject("mail", 7), "acme-jobs.work.mail.7");
         assert_eq!(n.work_consumer("mail", 7), "acme-jobs-work-mail-7");
-        assert_eq!(n.parse_work_subject("acme-jobs.work.mail.7"), Some(("mail", 7)));
+        assert_eq!(
+            n.parse_work_subject("acme-jobs.work.mail.7"),
+            Some(("mail", 7))
+        );
         let d = Names::default();
         assert_eq!(d.intake_consumer(), "drover-intake");
         assert_eq!(d.api("status"), "drover.api.status");

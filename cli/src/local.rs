@@ -1,0 +1,279 @@
+//! `drover up`: a local fleet on a project-local nats-server that this process starts, owns and
+//! stops.
+
+use anyhow::{Context, bail};
+use drover_shared::config::ConnectArgs;
+use drover_shared::names::Names;
+use drover_shared::topology::{self, TopologyConfig};
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{ExitCode, Stdio};
+use std::time::{Duration, Instant};
+use tokio::process::{Child, Command};
+
+/// Flags of `drover up`.
+#[derive(Debug, clap::Args)]
+pub struct UpArgs {
+    /// Directory for the server's store, logs and pid (created if missing).
+    #[arg(long, default_value = ".drover")]
+    dir: PathBuf,
+    /// Client port of the local nats-server.
+    #[arg(long, default_value_t = 4222)]
+    port: u16,
+    /// Monitoring port of the local nats-server (/healthz, /varz, /jsz).
+    #[arg(long, default_value_t = 8222)]
+    monitor_port: u16,
+    /// Submit a small demo workload, show it captured durably, and exit when done.
+    #[arg(long)]
+    demo: bool,
+    /// The nats-server binary to run (default: the one `nats/install.sh` installs).
+    #[arg(long, env = "DROVER_NATS_SERVER")]
+    nats_server: Option<PathBuf>,
+    /// Prefix of every subject, stream, bucket and consumer.
+    #[arg(long, env = "DROVER_PREFIX", default_value = drover_shared::names::DEFAULT_PREFIX)]
+    prefix: String,
+}
+
+/// The project checkout: the directory holding `nats/install.sh`, searched from the current
+/// directory upwards, then where this binary was built from.
+fn project_root() -> anyhow::Result<PathBuf> {
+    let cwd = std::env::current_dir()?;
+    let built_from = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    cwd.ancestors()
+        .map(Path::to_path_buf)
+        .chain(std::iter::once(built_from))
+        .find(|d| d.join("nats/install.sh").is_file())
+        .context("cannot find nats/install.sh in this directory or above; run `drover up` inside a Drover checkout, or pass --nats-server")
+}
+
+/// Runs `nats/install.sh` (idempotent) and returns the binary it reports.
+async fn install_nats(root: &Path) -> anyhow::Result<PathBuf> {
+    let out = Command::new("bash")
+        .arg(root.join("nats/install.sh"))
+        .stderr(Stdio::inherit())
+        .output()
+        .await
+        .context("cannot run nats/install.sh")?;
+    if !out.status.success() {
+        bail!("nats/install.sh failed ({})", out.status);
+    }
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let path = stdout.lines().last().unwrap_or_default().trim();
+    Ok(PathBuf::from(path))
+}
+
+fn port_free(port: u16) -> bool {
+    TcpListener::bind(("127.0.0.1", port)).is_ok()
+}
+
+/// One GET of `/healthz`; `true` on a 200.
+fn healthy(monitor: SocketAddr) -> bool {
+    let Ok(mut s) = TcpStream::connect_timeout(&monitor, Duration::from_millis(200)) else {
+        return false;
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_millis(500)));
+    if s.write_all(b"GET /healthz HTTP/1.0\r\nHost: localhost\r\n\r\n")
+        .is_err()
+    {
+        return false;
+    }
+    let mut buf = [0u8; 16];
+    matches!(s.read(&mut buf), Ok(n) if n >= 12 && &buf[9..12] == b"200")
+}
+
+/// The local nats-server: stopped with SIGTERM (then SIGKILL) when dropped or shut down, and
+/// killed by the kernel if this process dies first.
+struct LocalNats {
+    child: Child,
+}
+
+impl LocalNats {
+    async fn start(bin: &Path, root: &Path, args: &UpArgs) -> anyhow::Result<Self> {
+        for (what, port) in [("client", args.port), ("monitoring", args.monitor_port)] {
+            if !port_free(port) {
+                bail!(
+                    "{what} port {port} is already in use (another nats-server or `drover up`?); pass --port/--monitor-port"
+                );
+            }
+        }
+        std::fs::create_dir_all(&args.dir)
+            .with_context(|| format!("cannot create {}", args.dir.display()))?;
+        let dir = args.dir.canonicalize()?;
+        let log = dir.join("nats.log");
+        let mut cmd = Command::new(bin);
+        cmd.arg("-c")
+            .arg(root.join("nats/single.conf"))
+            .args(["-a", "127.0.0.1", "-p", &args.port.to_string()])
+            .args(["-m", &args.monitor_port.to_string()])
+            .arg("-sd")
+            .arg(dir.join("jetstream"))
+            .arg("-l")
+            .arg(&log)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true);
+        // SAFETY: prctl is async-signal-safe; it only asks the kernel to SIGTERM the child when
+        // this process exits, so no nats-server outlives a killed `drover up`.
+        unsafe {
+            cmd.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
+                Ok(())
+            });
+        }
+        let child = cmd
+            .spawn()
+            .with_context(|| format!("cannot start {}", bin.display()))?;
+        let mut me = Self { child };
+        let monitor = SocketAddr::from(([127, 0, 0, 1], args.monitor_port));
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !healthy(monitor) {
+            if let Some(status) = me.child.try_wait()? {
+                bail!(
+                    "nats-server exited ({status}) during start; see {}",
+                    log.display()
+                );
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "nats-server did not become healthy in 30 s; see {}",
+                    log.display()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Ok(me)
+    }
+
+    async fn shutdown(mut self) {
+        if let Some(pid) = self.child.id() {
+            // SAFETY: plain kill(2) on our own child's pid.
+            unsafe {
+                libc::kill(pid as i32, libc::SIGTERM);
+            }
+        }
+        if tokio::time::timeout(Duration::from_secs(10), self.child.wait())
+            .await
+            .is_err()
+        {
+            let _ = self.child.kill().await;
+        }
+    }
+}
+
+/// `drover up`.
+pub async fn up(args: UpArgs) -> anyhow::Result<ExitCode> {
+    let names = Names::new(&args.prefix)?;
+    let root = project_root()?;
+    let bin = match &args.nats_server {
+        Some(b) => b.clone(),
+        None => install_nats(&root).await?,
+    };
+    let nats = LocalNats::start(&bin, &root, &args).await?;
+    let result = serve(&args, &names).await;
+    nats.shutdown().await;
+    println!("stopped; data kept in {}", args.dir.display());
+    result
+}
+
+async fn serve(args: &UpArgs, names: &Names) -> anyhow::Result<ExitCode> {
+    let url = format!("nats://127.0.0.1:{}", args.port);
+    let connect = ConnectArgs {
+        nats_url: url.clone(),
+        creds: None,
+        user: None,
+        password: None,
+        tls_ca: None,
+        tls_cert: None,
+        tls_key: None,
+        prefix: names.prefix().to_owned(),
+    };
+    let client =
+        drover_shared::connect::connect(&connect, "drover-up", Duration::from_secs(10)).await?;
+    let report = topology::provision(&client, names, &TopologyConfig::default()).await?;
+    println!(
+        "nats-server  {url}  (monitoring http://127.0.0.1:{}/, store {})",
+        args.monitor_port,
+        args.dir.display()
+    );
+    println!("provisioned  {report}");
+    println!();
+    println!("Submit a task from any NATS client, e.g. the nats CLI:");
+    println!(
+        "  nats -s {url} pub {} '{{\"type\":\"echo\",\"payload\":\"hello\"}}'",
+        names.submit_subject("default")
+    );
+    println!("Inspect:");
+    println!("  nats -s {url} stream report");
+    println!("  nats -s {url} kv ls");
+    println!();
+    if args.demo {
+        demo(&client, names).await?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!("Running; press Ctrl-C to stop.");
+    tokio::signal::ctrl_c().await?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Submits a small mixed workload and shows it captured durably in the intake stream.
+async fn demo(client: &async_nats::Client, names: &Names) -> anyhow::Result<()> {
+    let js = async_nats::jetstream::new(client.clone());
+    let run = format!(
+        "{:x}",
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)?
+            .as_millis()
+    );
+    let tasks = [
+        (
+            "default",
+            serde_json::json!({"type":"echo","payload":{"hello":"drover"}}),
+        ),
+        (
+            "default",
+            serde_json::json!({"type":"sleep","payload":{"ms":200}}),
+        ),
+        (
+            "default",
+            serde_json::json!({"type":"fail","payload":{"message":"demo failure"},"max_attempts":2,"backoff":{"initial_ms":100}}),
+        ),
+        (
+            "default",
+            serde_json::json!({"type":"noop","key":"customer-1"}),
+        ),
+        (
+            "default",
+            serde_json::json!({"type":"noop","key":"customer-1"}),
+        ),
+    ];
+    let mut acks = Vec::new();
+    for (i, (queue, task)) in tasks.iter().enumerate() {
+        let mut headers = async_nats::HeaderMap::new();
+        let id = format!("demo-{run}-{i}");
+        headers.insert("Nats-Msg-Id", id.as_str());
+        let ack = js
+            .publish_with_headers(
+                names.submit_subject(queue),
+                headers,
+                serde_json::to_vec(task)?.into(),
+            )
+            .await?;
+        acks.push((id, ack));
+    }
+    for (id, ack) in acks {
+        let ack = ack.await?;
+        println!(
+            "submitted {id:<24} durable in {} at seq {}",
+            ack.stream, ack.sequence
+        );
+    }
+    let mut stream = js.get_stream(names.submit_stream()).await?;
+    let info = stream.info().await?;
+    println!(
+        "{} holds {} task message(s); they are dispatched once a dispatcher runs",
+        info.config.name, info.state.messages
+    );
+    Ok(())
+}
