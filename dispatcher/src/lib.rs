@@ -1,0 +1,15 @@
+//! # drover-dispatcher
+//!
+//! The dispatcher replica set (SPEC §5): every replica serves the request API and metrics; one,
+//! elected through the `drover-election` KV bucket, consumes the intake, batches, seals and
+//! publishes envelopes, writes assignments and handles outcomes.
+//!
+//! Decisions are pure state machines driven by a thin NATS loop:
+//!
+//! | module | decides |
+//! |---|---|
+//! | [`election`] | when this replica leads, renews, steps down and hands over |
+//! | [`batcher`] | when a partition's pending tasks leave as one envelope |
+
+pub mod batcher;
+pub mod election;
