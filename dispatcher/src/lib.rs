@@ -10,6 +10,10 @@
 //! |---|---|
 //! | [`election`] | when this replica leads, renews, steps down and hands over |
 //! | [`batcher`] | when a partition's pending tasks leave as one envelope |
+//! | [`intake`] | which queue a submission is for, whether it is valid, task ids, partitions |
 
 pub mod batcher;
 pub mod election;
+pub mod intake;
+pub mod leader;
+pub mod run;

@@ -10,6 +10,7 @@
 //! | [`nats_server_binary`], [`nats_server_binary_version`] | the installed server binaries (`bash nats/install.sh [VERSION]`) |
 //! | [`test_connect_options`] | client options with fast reconnects, used by every `connect()` |
 //! | [`http_get`] | a tiny HTTP GET for the monitoring endpoints |
+//! | [`DroverProcess`], [`drover_bin`] | Drover's own binaries as real child processes, built once per run |
 //! | [`free_port`] | free loopback ports, never handed out twice in one process |
 //!
 //! The binary is `$DROVER_NATS_SERVER`, else `<workspace>/nats/bin/nats-server`; without it every
@@ -34,6 +35,7 @@
 
 pub mod binary;
 pub mod cluster;
+pub mod fleet;
 pub mod http;
 pub mod ports;
 mod process;
@@ -43,6 +45,7 @@ pub use binary::{
     NATS_SERVER_ENV, binary_version, nats_server_binary, nats_server_binary_version, workspace_root,
 };
 pub use cluster::{NatsCluster, NatsClusterBuilder};
+pub use fleet::{DroverProcess, drover_bin};
 pub use http::{HttpResponse, http_get};
 pub use ports::free_port;
 pub use server::{

@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 type SpawnRequest = (Command, mpsc::Sender<io::Result<Child>>);
 
 /// Spawns `command` from the process-lifetime spawner thread (see the module docs).
-fn spawn_from_long_lived_thread(command: Command) -> io::Result<Child> {
+pub(crate) fn spawn_from_long_lived_thread(command: Command) -> io::Result<Child> {
     static SPAWNER: OnceLock<Mutex<mpsc::Sender<SpawnRequest>>> = OnceLock::new();
     let spawner = SPAWNER.get_or_init(|| {
         let (tx, rx) = mpsc::channel::<SpawnRequest>();

@@ -1,0 +1,540 @@
+//! What the elected leader does while its lease is valid (SPEC §5): consume the intake, route and
+//! seal tasks, publish envelopes, and ack intake only after its envelopes are durable.
+//!
+//! The loop is cancelled the moment the election says to stop leading; anything it holds
+//! unacknowledged then comes back to the next leader through the intake consumer's `ack_wait`
+//! (or at once, on a graceful hand-over, because it NAKs them).
+
+use crate::batcher::{Batch, Batcher, BatcherConfig, Route};
+use crate::intake::{self, IntakeLimits, Rejection, Router, Strategy};
+use async_nats::HeaderMap;
+use async_nats::jetstream::{self, AckKind, consumer::PullConsumer, context::PublishAckFuture};
+use drover_shared::envelope::{self, BatchMeta, CodecConfig};
+use drover_shared::keyring::Keyring;
+use drover_shared::names::Names;
+use drover_shared::task::{Task, TaskRecord, TaskState};
+use drover_shared::topology::{self, QueueConsumerConfig};
+use futures::StreamExt;
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+/// Header on a task record written at intake: the intake stream sequence it came from, so a
+/// redelivered intake message can tell its own earlier write from a true duplicate.
+pub const HDR_INTAKE_SEQ: &str = "Drover-Intake-Seq";
+
+/// Task records written before their acks are awaited.
+const RECORD_WINDOW: usize = 4096;
+
+/// Settings of the leader's dispatch pipeline.
+#[derive(Debug, Clone)]
+pub struct LeaderConfig {
+    /// Envelope sizing.
+    pub batcher: BatcherConfig,
+    /// Sealing.
+    pub codec: CodecConfig,
+    /// Partitions of a queue seen for the first time.
+    pub default_partitions: u32,
+    /// Keyless routing.
+    pub strategy: Strategy,
+    /// Per-attempt timeout for tasks that name none.
+    pub default_timeout_ms: u64,
+    /// Most intake messages handled as one chunk.
+    pub max_chunk: usize,
+    /// Write a `queued` record per task at intake (`tracking = "full"`); it is also the
+    /// duplicate check.
+    pub track_queued: bool,
+    /// Partition consumer settings for new queues.
+    pub queue_consumers: QueueConsumerConfig,
+}
+
+/// What a leader needs from the process.
+#[derive(Clone)]
+pub struct LeaderContext {
+    /// JetStream.
+    pub js: jetstream::Context,
+    /// Names under the prefix.
+    pub names: Names,
+    /// Envelope keys.
+    pub keys: Arc<Keyring>,
+    /// Settings.
+    pub config: Arc<LeaderConfig>,
+    /// Server `max_payload`.
+    pub max_payload: usize,
+}
+
+/// Why leading stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum LeaderError {
+    /// A NATS request failed.
+    #[error("{0}: {1}")]
+    Nats(&'static str, String),
+}
+
+fn nats_err(what: &'static str) -> impl Fn(&dyn std::fmt::Display) -> LeaderError {
+    move |e| LeaderError::Nats(what, e.to_string())
+}
+
+/// One intake message being handled.
+struct Held {
+    msg: jetstream::Message,
+    /// Envelopes of this chunk it has tasks in must be durable before it is acked.
+    ok: bool,
+}
+
+/// Leads in `epoch` until `cancel` fires: dispatch every intake message exactly once into
+/// `DROVER_WORK`, in order per partition.
+pub async fn lead(
+    ctx: LeaderContext,
+    epoch: u64,
+    cancel: CancellationToken,
+) -> Result<(), LeaderError> {
+    let names = &ctx.names;
+    let submit = ctx
+        .js
+        .get_stream(names.submit_stream())
+        .await
+        .map_err(|e| nats_err("open intake stream")(&e))?;
+    let consumer: PullConsumer = submit
+        .get_consumer(&names.intake_consumer())
+        .await
+        .map_err(|e| nats_err("open intake consumer")(&e))?;
+
+    wait_for_predecessor(&consumer, &cancel).await?;
+    if cancel.is_cancelled() {
+        return Ok(());
+    }
+    info!(epoch, "leading: dispatching intake");
+
+    let mut messages = consumer
+        .stream()
+        .max_messages_per_batch(ctx.config.max_chunk.max(1))
+        .expires(Duration::from_secs(1))
+        .heartbeat(Duration::from_millis(500))
+        .messages()
+        .await
+        .map_err(|e| nats_err("pull intake")(&e))?;
+
+    let mut state = Pipeline::new(ctx.clone(), epoch);
+    loop {
+        let first = tokio::select! {
+            biased;
+            _ = cancel.cancelled() => break,
+            m = messages.next() => m,
+        };
+        let Some(first) = first else { break };
+        let mut chunk = Vec::with_capacity(64);
+        match first {
+            Ok(m) => chunk.push(m),
+            Err(e) => {
+                debug!(error = %e, "intake pull");
+                continue;
+            }
+        }
+        // Take what is already here without waiting: under load chunks grow and batches fill;
+        // when idle a lone task leaves at once.
+        while chunk.len() < ctx.config.max_chunk {
+            match futures::FutureExt::now_or_never(messages.next()) {
+                Some(Some(Ok(m))) => chunk.push(m),
+                Some(Some(Err(_))) => continue,
+                _ => break,
+            }
+        }
+        if cancel.is_cancelled() {
+            nak_all(chunk).await;
+            break;
+        }
+        state.dispatch(chunk, &cancel).await;
+    }
+    Ok(())
+}
+
+/// A new leader starts only when its predecessor's unacked intake messages are either acked or
+/// due for redelivery, so they come back first and per-key order holds across failover.
+async fn wait_for_predecessor(
+    consumer: &PullConsumer,
+    cancel: &CancellationToken,
+) -> Result<(), LeaderError> {
+    loop {
+        let info = consumer
+            .get_info()
+            .await
+            .map_err(|e| nats_err("read intake consumer")(&e))?;
+        if info.num_ack_pending == 0 {
+            return Ok(());
+        }
+        let ack_wait = info.config.ack_wait;
+        let since_last = info
+            .delivered
+            .last_active
+            .map(|t| {
+                let now = time::OffsetDateTime::now_utc();
+                (now - t).try_into().unwrap_or(Duration::ZERO)
+            })
+            .unwrap_or(ack_wait);
+        if since_last >= ack_wait + Duration::from_millis(50) {
+            return Ok(());
+        }
+        let wait =
+            (ack_wait + Duration::from_millis(50) - since_last).min(Duration::from_millis(100));
+        tokio::select! {
+            _ = cancel.cancelled() => return Ok(()),
+            _ = tokio::time::sleep(wait) => {}
+        }
+    }
+}
+
+async fn nak_all(chunk: Vec<jetstream::Message>) {
+    for m in chunk {
+        let _ = m.ack_with(AckKind::Nak(None)).await;
+    }
+}
+
+/// Per-queue facts the leader keeps.
+struct QueueInfo {
+    partitions: u32,
+}
+
+/// The dispatch pipeline of one leadership term.
+struct Pipeline {
+    ctx: LeaderContext,
+    epoch: u64,
+    router: Router,
+    queues: HashMap<String, QueueInfo>,
+    records: Option<jetstream::stream::Stream>,
+}
+
+/// A task on its way into an envelope, with the intake message it came from.
+struct Routed {
+    task: Task,
+    from: usize,
+    partition: u32,
+}
+
+impl Pipeline {
+    fn new(ctx: LeaderContext, epoch: u64) -> Self {
+        Self {
+            ctx,
+            epoch,
+            router: Router::default(),
+            queues: HashMap::new(),
+            records: None,
+        }
+    }
+
+    /// Handles one chunk of intake messages end to end; every message is acked, NAKed or
+    /// rejected by the time it returns.
+    async fn dispatch(&mut self, chunk: Vec<jetstream::Message>, cancel: &CancellationToken) {
+        let now_ms = chrono::Utc::now().timestamp_millis();
+        let limits = IntakeLimits {
+            max_payload: self.ctx.max_payload,
+            default_timeout_ms: self.ctx.config.default_timeout_ms,
+        };
+        let mut held: Vec<Held> = Vec::with_capacity(chunk.len());
+        let mut accepted: Vec<(usize, intake::Accepted)> = Vec::new();
+        let mut rejected: Vec<(usize, Rejection)> = Vec::new();
+        for msg in chunk {
+            let i = held.len();
+            let seq = msg.info().map_or(0, |info| info.stream_sequence);
+            let msg_id = msg
+                .headers
+                .as_ref()
+                .and_then(|h| h.get("Nats-Msg-Id"))
+                .map(|v| v.as_str().to_owned());
+            match intake::prepare(
+                &self.ctx.names,
+                msg.subject.as_str(),
+                &msg.payload,
+                msg_id.as_deref(),
+                seq,
+                now_ms,
+                limits,
+            ) {
+                Ok(a) => accepted.push((i, a)),
+                Err(r) => rejected.push((i, r)),
+            }
+            held.push(Held { msg, ok: true });
+        }
+
+        // Rejected submissions: a record with the original bytes and the reason, then ack.
+        let mut rejects = Vec::new();
+        for (i, r) in &rejected {
+            match self.publish_rejected(&held[*i].msg, r).await {
+                Ok(ack) => rejects.push((*i, ack)),
+                Err(e) => {
+                    warn!(error = %e, "cannot record a rejected submission; will retry");
+                    held[*i].ok = false;
+                }
+            }
+        }
+
+        // Queues seen for the first time get their partitions and consumers.
+        let mut routed: Vec<Routed> = Vec::new();
+        for (i, a) in accepted {
+            let partitions = match self.queue(&a.queue).await {
+                Ok(p) => p,
+                Err(e) => {
+                    warn!(queue = %a.queue, error = %e, "cannot prepare queue; will retry");
+                    held[i].ok = false;
+                    continue;
+                }
+            };
+            let turn = self.router.keyless(
+                &a.queue,
+                partitions,
+                self.ctx.config.strategy,
+                rand::random(),
+            );
+            for task in a.tasks {
+                let partition = Router::partition(task.key.as_deref(), partitions, turn);
+                routed.push(Routed {
+                    task,
+                    from: i,
+                    partition,
+                });
+            }
+        }
+
+        // Duplicate check and `queued` records.
+        if self.ctx.config.track_queued && !routed.is_empty() {
+            routed = self.record_queued(routed, &mut held).await;
+        }
+
+        // Batch per partition, seal, publish pipelined.
+        let mut batcher: Batcher<Routed> = Batcher::new(self.ctx.config.batcher);
+        let mut batches = Vec::new();
+        for r in routed {
+            let route = Route {
+                queue: r.task.queue.clone(),
+                partition: r.partition,
+            };
+            let size = r.task.payload.get().len() + 160;
+            batches.extend(batcher.push(route, r, size, std::time::Instant::now()));
+        }
+        batches.extend(batcher.flush_all());
+        let mut pending: Vec<(Vec<usize>, PublishAckFuture)> = Vec::new();
+        for batch in batches {
+            let from: Vec<usize> = batch.items.iter().map(|r| r.from).collect();
+            match self.publish_envelope(batch).await {
+                Ok(ack) => pending.push((from, ack)),
+                Err(e) => {
+                    warn!(error = %e, "cannot publish an envelope; its submissions will be retried");
+                    for i in from {
+                        held[i].ok = false;
+                    }
+                }
+            }
+        }
+        for (from, ack) in pending {
+            if let Err(e) = ack.await {
+                warn!(error = %e, "envelope not stored; its submissions will be retried");
+                for i in from {
+                    held[i].ok = false;
+                }
+            }
+        }
+        for (i, ack) in rejects {
+            if ack.await.is_err() {
+                held[i].ok = false;
+            }
+        }
+
+        // Ack only what is durable downstream; everything else comes back.
+        let leading = !cancel.is_cancelled();
+        for h in held {
+            let kind = if h.ok && leading {
+                AckKind::Ack
+            } else {
+                AckKind::Nak(Some(Duration::from_millis(250)))
+            };
+            if let Err(e) = h.msg.ack_with(kind).await {
+                debug!(error = %e, "intake ack");
+            }
+        }
+    }
+
+    /// Partitions of `queue`, creating its state record and consumers on first sight.
+    async fn queue(&mut self, queue: &str) -> Result<u32, LeaderError> {
+        if let Some(q) = self.queues.get(queue) {
+            return Ok(q.partitions);
+        }
+        let state = self
+            .ctx
+            .js
+            .get_key_value(self.ctx.names.bucket("state"))
+            .await
+            .map_err(|e| nats_err("open state bucket")(&e))?;
+        let key = format!("queue.{queue}");
+        let partitions = match state
+            .get(&key)
+            .await
+            .map_err(|e| nats_err("read queue state")(&e))?
+        {
+            Some(v) => serde_json::from_slice::<serde_json::Value>(&v)
+                .ok()
+                .and_then(|v| v.get("partitions")?.as_u64())
+                .map_or(self.ctx.config.default_partitions, |p| p as u32),
+            None => {
+                let p = self.ctx.config.default_partitions;
+                let value = serde_json::json!({ "partitions": p, "created_epoch": self.epoch });
+                // A concurrent creator (an older leader) wins; read what it wrote next time.
+                let _ = state.create(&key, value.to_string().into()).await;
+                p
+            }
+        };
+        topology::provision_queue(
+            &self.ctx.js,
+            &self.ctx.names,
+            queue,
+            partitions,
+            &self.ctx.config.queue_consumers,
+        )
+        .await
+        .map_err(|e| nats_err("provision queue consumers")(&e))?;
+        self.queues
+            .insert(queue.to_owned(), QueueInfo { partitions });
+        Ok(partitions)
+    }
+
+    /// Creates a `queued` record per task (pipelined `create`s). A task whose record already
+    /// exists is a duplicate and is dropped — unless the record came from this very intake
+    /// message (a redelivery after a crash between record and envelope), which goes on.
+    async fn record_queued(&mut self, routed: Vec<Routed>, held: &mut [Held]) -> Vec<Routed> {
+        let mut keep = Vec::with_capacity(routed.len());
+        let mut routed = routed.into_iter().peekable();
+        // In windows, so the acks awaited at once stay bounded whatever the chunk holds.
+        while routed.peek().is_some() {
+            let window: Vec<Routed> = routed.by_ref().take(RECORD_WINDOW).collect();
+            self.record_window(window, held, &mut keep).await;
+        }
+        keep
+    }
+
+    async fn record_window(
+        &mut self,
+        window: Vec<Routed>,
+        held: &mut [Held],
+        keep: &mut Vec<Routed>,
+    ) {
+        let bucket = self.ctx.names.bucket("tasks");
+        let mut acks = Vec::with_capacity(window.len());
+        for r in &window {
+            let seq = held[r.from]
+                .msg
+                .info()
+                .map(|i| i.stream_sequence)
+                .unwrap_or(0);
+            let submitted = chrono::DateTime::from_timestamp_millis(r.task.submitted_ms)
+                .unwrap_or_else(chrono::Utc::now);
+            let record = TaskRecord::new(&r.task, TaskState::Queued, submitted);
+            let body = serde_json::to_vec(&record).unwrap_or_default();
+            let mut headers = HeaderMap::new();
+            headers.insert("Nats-Expected-Last-Subject-Sequence", "0");
+            headers.insert(HDR_INTAKE_SEQ, seq.to_string());
+            let ack = self
+                .ctx
+                .js
+                .publish_with_headers(format!("$KV.{bucket}.{}", r.task.id), headers, body.into())
+                .await;
+            acks.push((ack, seq));
+        }
+        for (r, (ack, seq)) in window.into_iter().zip(acks) {
+            let result = match ack {
+                Ok(fut) => fut.await.map(|_| ()),
+                Err(e) => Err(e),
+            };
+            match result {
+                Ok(()) => keep.push(r),
+                Err(e)
+                    if e.kind()
+                        == async_nats::jetstream::context::PublishErrorKind::WrongLastSequence =>
+                {
+                    if self.is_own_record(&r.task.id, seq).await {
+                        keep.push(r);
+                    } else {
+                        debug!(task_id = %r.task.id, "duplicate id; not run again");
+                    }
+                }
+                Err(e) => {
+                    warn!(task_id = %r.task.id, error = %e, "cannot write task record; will retry");
+                    held[r.from].ok = false;
+                }
+            }
+        }
+    }
+
+    /// `true` if the record of `id` is still `queued` and was written for intake sequence `seq`.
+    async fn is_own_record(&mut self, id: &str, seq: u64) -> bool {
+        let bucket = self.ctx.names.bucket("tasks");
+        if self.records.is_none() {
+            self.records = self.ctx.js.get_stream(format!("KV_{bucket}")).await.ok();
+        }
+        let Some(stream) = &self.records else {
+            return false;
+        };
+        match stream
+            .direct_get_last_for_subject(format!("$KV.{bucket}.{id}"))
+            .await
+        {
+            Ok(m) => {
+                let own = m
+                    .headers
+                    .get(HDR_INTAKE_SEQ)
+                    .is_some_and(|v| v.as_str() == seq.to_string());
+                let queued = serde_json::from_slice::<TaskRecord>(&m.payload)
+                    .is_ok_and(|r| r.state == TaskState::Queued);
+                own && queued
+            }
+            Err(_) => false,
+        }
+    }
+
+    async fn publish_envelope(&self, batch: Batch<Routed>) -> Result<PublishAckFuture, String> {
+        let tasks: Vec<&Task> = batch.items.iter().map(|r| &r.task).collect();
+        let meta = BatchMeta::new(&batch.route.queue, batch.route.partition, self.epoch);
+        let sealed = envelope::seal(&self.ctx.keys, &self.ctx.config.codec, meta, &tasks)
+            .map_err(|e| e.to_string())?;
+        let (headers, body) = sealed.into_parts();
+        let mut map = HeaderMap::new();
+        for (k, v) in headers.to_pairs() {
+            map.insert(k, v);
+        }
+        let subject = self
+            .ctx
+            .names
+            .work_subject(&batch.route.queue, batch.route.partition);
+        self.ctx
+            .js
+            .publish_with_headers(subject, map, body.into())
+            .await
+            .map_err(|e| e.to_string())
+    }
+
+    async fn publish_rejected(
+        &self,
+        msg: &jetstream::Message,
+        r: &Rejection,
+    ) -> Result<PublishAckFuture, String> {
+        let mut headers = HeaderMap::new();
+        headers.insert("Drover-Error-Code", r.error.code.as_str());
+        headers.insert(
+            "Drover-Error",
+            String::from_utf8_lossy(&r.error.to_json()).replace(['\r', '\n'], " "),
+        );
+        headers.insert("Drover-Subject", msg.subject.as_str());
+        if let Ok(info) = msg.info() {
+            headers.insert("Drover-Intake-Seq", info.stream_sequence.to_string());
+        }
+        self.ctx
+            .js
+            .publish_with_headers(
+                self.ctx.names.rejected_subject(&r.queue),
+                headers,
+                msg.payload.clone(),
+            )
+            .await
+            .map_err(|e| e.to_string())
+    }
+}

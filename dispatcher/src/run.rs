@@ -1,0 +1,208 @@
+//! The dispatcher process: connect, provision, campaign, and lead while elected (SPEC §5).
+//!
+//! The election loop drives the pure [`Election`] state machine: it turns timer ticks, watch
+//! events and request results into [`Event`]s and carries out the [`Action`]s. Leading runs in
+//! its own task with its own cancellation token, cancelled the moment the machine says to stop.
+
+use crate::election::{Action, Election, Event, LeaseConfig, StepDown};
+use crate::leader::{self, LeaderConfig, LeaderContext};
+use async_nats::jetstream::{self, kv};
+use drover_shared::config::ConnectArgs;
+use drover_shared::keyring::Keyring;
+use drover_shared::topology::{self, TopologyConfig};
+use futures::StreamExt;
+use serde::Serialize;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, warn};
+
+/// Most JetStream publishes the dispatcher keeps waiting for acks at once.
+pub const MAX_ACKS_IN_FLIGHT: usize = 16_384;
+
+/// Everything a dispatcher replica needs to run.
+#[derive(Clone)]
+pub struct DispatcherSettings {
+    /// How to reach NATS.
+    pub connect: ConnectArgs,
+    /// This replica's id.
+    pub id: String,
+    /// Stream and bucket sizing.
+    pub topology: TopologyConfig,
+    /// Lease timing; `lease` must equal the election bucket's max_age (`topology.lease_ms`).
+    pub lease: LeaseConfig,
+    /// Dispatch pipeline settings.
+    pub leader: LeaderConfig,
+    /// Envelope keys.
+    pub keys: Arc<Keyring>,
+    /// The address metrics are served on, published in the leader value.
+    pub addr: Option<String>,
+}
+
+/// The value of `drover-election.leader` (SPEC §10).
+#[derive(Debug, Serialize)]
+struct LeaderValue<'a> {
+    id: &'a str,
+    host: &'a str,
+    pid: u32,
+    since: &'a str,
+    addr: Option<&'a str>,
+    epoch: Option<u64>,
+}
+
+/// Runs one replica until `shutdown` fires; on shutdown a leader hands over (NAKs held intake,
+/// deletes its lease) so a standby takes over at once.
+pub async fn run(settings: DispatcherSettings, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let names = settings.connect.names()?;
+    let client = drover_shared::connect::connect(
+        &settings.connect,
+        &format!("drover-dispatcher {}", settings.id),
+        Duration::from_secs(10),
+    )
+    .await?;
+    let report = topology::provision(&client, &names, &settings.topology).await?;
+    info!(id = %settings.id, %report, "provisioned");
+    // Pipelined publishes wait for room instead of failing when many acks are outstanding.
+    let js = jetstream::context::ContextBuilder::new()
+        .max_ack_inflight(MAX_ACKS_IN_FLIGHT)
+        .backpressure_on_inflight(true)
+        .build(client.clone());
+    let election_kv = js.get_key_value(names.bucket("election")).await?;
+
+    let ctx = LeaderContext {
+        js: js.clone(),
+        names: names.clone(),
+        keys: settings.keys.clone(),
+        config: Arc::new(settings.leader.clone()),
+        max_payload: client.server_info().max_payload,
+    };
+    campaign(&settings, &election_kv, ctx, shutdown).await;
+    client.flush().await.ok();
+    Ok(())
+}
+
+/// The election loop.
+async fn campaign(
+    settings: &DispatcherSettings,
+    kv: &kv::Store,
+    ctx: LeaderContext,
+    shutdown: CancellationToken,
+) {
+    let host = drover_shared::config::hostname();
+    let since = drover_shared::task::format_time(&chrono::Utc::now());
+    let value = |epoch: Option<u64>| -> bytes::Bytes {
+        serde_json::to_vec(&LeaderValue {
+            id: &settings.id,
+            host: &host,
+            pid: std::process::id(),
+            since: &since,
+            addr: settings.addr.as_deref(),
+            epoch,
+        })
+        .unwrap_or_default()
+        .into()
+    };
+
+    let mut election = Election::new(settings.lease, Instant::now());
+    let (tx, mut rx) = mpsc::channel::<Event>(8);
+    let mut watch = match kv.watch("leader").await {
+        Ok(w) => Some(w),
+        Err(e) => {
+            warn!(error = %e, "cannot watch the election key; campaigning on the timer only");
+            None
+        }
+    };
+    let mut leading: Option<(CancellationToken, tokio::task::JoinHandle<()>)> = None;
+    let mut epoch: Option<u64> = None;
+
+    loop {
+        let deadline = election
+            .next_deadline()
+            .map(tokio::time::Instant::from_std)
+            .unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(3600));
+        let event = tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => Event::Shutdown,
+            Some(ev) = rx.recv() => ev,
+            _ = tokio::time::sleep_until(deadline) => Event::Tick,
+            Some(entry) = async {
+                match watch.as_mut() {
+                    Some(w) => w.next().await,
+                    None => std::future::pending().await,
+                }
+            } => match entry {
+                Ok(e) if e.operation != kv::Operation::Put => Event::KeyGone,
+                Ok(_) => continue,
+                Err(_) => continue,
+            },
+        };
+        let is_shutdown = event == Event::Shutdown;
+        for action in election.on_event(event, Instant::now()) {
+            match action {
+                Action::Create => {
+                    let (kv, tx, v) = (kv.clone(), tx.clone(), value(None));
+                    tokio::spawn(async move {
+                        let sent_at = Instant::now();
+                        let ev = match kv.create("leader", v).await {
+                            Ok(revision) => Event::Created { revision, sent_at },
+                            Err(_) => Event::CreateFailed,
+                        };
+                        let _ = tx.send(ev).await;
+                    });
+                }
+                Action::Renew { revision } => {
+                    let (kv, tx, v) = (kv.clone(), tx.clone(), value(epoch));
+                    tokio::spawn(async move {
+                        let sent_at = Instant::now();
+                        let ev = match kv.update("leader", v, revision).await {
+                            Ok(revision) => Event::Renewed { revision, sent_at },
+                            Err(_) => Event::RenewFailed,
+                        };
+                        let _ = tx.send(ev).await;
+                    });
+                }
+                Action::StartLeading { epoch: e } => {
+                    info!(epoch = e, id = %settings.id, "elected leader");
+                    epoch = Some(e);
+                    let token = CancellationToken::new();
+                    let (ctx, t) = (ctx.clone(), token.clone());
+                    let handle = tokio::spawn(async move {
+                        if let Err(err) = leader::lead(ctx, e, t).await {
+                            error!(error = %err, "leading failed");
+                        }
+                    });
+                    leading = Some((token, handle));
+                }
+                Action::StopLeading { reason } => {
+                    if reason != StepDown::Shutdown {
+                        warn!(reason = reason.as_str(), "stopped leading");
+                    }
+                    epoch = None;
+                    if let Some((token, handle)) = leading.take() {
+                        token.cancel();
+                        if reason == StepDown::Shutdown {
+                            // Let it NAK what it holds before the lease goes.
+                            let _ = tokio::time::timeout(Duration::from_secs(5), handle).await;
+                        }
+                    }
+                }
+                Action::Resign { revision } => {
+                    match kv.delete_expect_revision("leader", Some(revision)).await {
+                        Ok(()) => info!("handed over leadership"),
+                        Err(e) => {
+                            warn!(error = %e, "could not delete the lease; it expires on its own")
+                        }
+                    }
+                }
+            }
+        }
+        if is_shutdown {
+            break;
+        }
+    }
+    if let Some((token, handle)) = leading.take() {
+        token.cancel();
+        let _ = handle.await;
+    }
+}
