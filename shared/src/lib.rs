@@ -1,7 +1,8 @@
 //! # drover-shared
 //!
 //! The protocol core every Drover component and client builds on. Everything here except
-//! [`connect`] and [`topology`] is pure: plain functions over bytes and values, no tokio, no NATS.
+//! [`connect`], [`topology`] and [`ops`] is pure: plain functions over bytes and values, no tokio,
+//! no NATS.
 //!
 //! | module | what it holds | SPEC |
 //! |---|---|---|
@@ -16,6 +17,7 @@
 //! | [`config`] | flags and `DROVER_*` variables common to every binary | §10 |
 //! | [`connect`] | NATS adapter: opening the connection | §10 |
 //! | [`topology`] | NATS adapter: stream/KV/consumer definitions and idempotent provisioning | §2 |
+//! | [`ops`] | I/O adapter: the `/metrics`, `/healthz`, `/readyz` HTTP server, `Health`, the metric registry | §9 |
 
 pub mod config;
 #[cfg(feature = "nats")]
@@ -24,6 +26,8 @@ pub mod envelope;
 pub mod error;
 pub mod keyring;
 pub mod names;
+#[cfg(feature = "nats")]
+pub mod ops;
 pub mod partition;
 pub mod retry;
 pub mod ring;
