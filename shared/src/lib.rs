@@ -15,6 +15,7 @@
 //! | [`ring`] | partition → worker: bounded-load consistent hashing | §4 |
 //! | [`retry`] | the retry/backoff policy, jitter passed in | §1.1, §7 |
 //! | [`config`] | flags and `DROVER_*` variables common to every binary | §10 |
+//! | [`settings`] | layered configuration: defaults → TOML → `DROVER_*` → flags, validation, `--print-config` | §9, §10 |
 //! | [`connect`] | NATS adapter: opening the connection | §10 |
 //! | [`topology`] | NATS adapter: stream/KV/consumer definitions and idempotent provisioning | §2 |
 //! | [`ops`] | I/O adapter: the `/metrics`, `/healthz`, `/readyz` HTTP server, `Health`, the metric registry | §9 |
@@ -31,6 +32,9 @@ pub mod ops;
 pub mod partition;
 pub mod retry;
 pub mod ring;
+// Needs `topology::TopologyConfig`, which lives in the NATS adapter module.
+#[cfg(feature = "nats")]
+pub mod settings;
 pub mod task;
 #[cfg(feature = "nats")]
 pub mod topology;
