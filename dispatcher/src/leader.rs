@@ -7,6 +7,7 @@
 
 use crate::batcher::{Batch, Batcher, BatcherConfig, Route};
 use crate::intake::{self, IntakeLimits, Rejection, Router, Strategy};
+use crate::metrics::DispatcherMetrics;
 use async_nats::HeaderMap;
 use async_nats::jetstream::{self, AckKind, consumer::PullConsumer, context::PublishAckFuture};
 use drover_shared::envelope::{self, BatchMeta, CodecConfig};
@@ -35,8 +36,10 @@ pub struct LeaderConfig {
     pub batcher: BatcherConfig,
     /// Sealing.
     pub codec: CodecConfig,
-    /// Partitions of a queue seen for the first time.
+    /// Partitions of a queue seen for the first time, unless `queue_partitions` names it.
     pub default_partitions: u32,
+    /// Partitions of predeclared queues (`[queues.<name>]`).
+    pub queue_partitions: HashMap<String, u32>,
     /// Keyless routing.
     pub strategy: Strategy,
     /// Per-attempt timeout for tasks that name none.
@@ -63,6 +66,8 @@ pub struct LeaderContext {
     pub config: Arc<LeaderConfig>,
     /// Server `max_payload`.
     pub max_payload: usize,
+    /// Where the pipeline counts what it does.
+    pub metrics: Arc<DispatcherMetrics>,
 }
 
 /// Why leading stopped with an error.
@@ -261,6 +266,11 @@ impl Pipeline {
         // Rejected submissions: a record with the original bytes and the reason, then ack.
         let mut rejects = Vec::new();
         for (i, r) in &rejected {
+            self.ctx
+                .metrics
+                .rejected
+                .get_or_create(&[("code", r.error.code.as_str())])
+                .inc();
             match self.publish_rejected(&held[*i].msg, r).await {
                 Ok(ack) => rejects.push((*i, ack)),
                 Err(e) => {
@@ -328,10 +338,16 @@ impl Pipeline {
             }
         }
         for (from, ack) in pending {
-            if let Err(e) = ack.await {
-                warn!(error = %e, "envelope not stored; its submissions will be retried");
-                for i in from {
-                    held[i].ok = false;
+            match ack.await {
+                Ok(_) => {
+                    self.ctx.metrics.envelopes.inc();
+                    self.ctx.metrics.tasks_dispatched.inc_by(from.len() as u64);
+                }
+                Err(e) => {
+                    warn!(error = %e, "envelope not stored; its submissions will be retried");
+                    for i in from {
+                        held[i].ok = false;
+                    }
                 }
             }
         }
@@ -347,6 +363,7 @@ impl Pipeline {
             let kind = if h.ok && leading {
                 AckKind::Ack
             } else {
+                self.ctx.metrics.intake_retries.inc();
                 AckKind::Nak(Some(Duration::from_millis(250)))
             };
             if let Err(e) = h.msg.ack_with(kind).await {
@@ -377,7 +394,13 @@ impl Pipeline {
                 .and_then(|v| v.get("partitions")?.as_u64())
                 .map_or(self.ctx.config.default_partitions, |p| p as u32),
             None => {
-                let p = self.ctx.config.default_partitions;
+                let p = self
+                    .ctx
+                    .config
+                    .queue_partitions
+                    .get(queue)
+                    .copied()
+                    .unwrap_or(self.ctx.config.default_partitions);
                 let value = serde_json::json!({ "partitions": p, "created_epoch": self.epoch });
                 // A concurrent creator (an older leader) wins; read what it wrote next time.
                 let _ = state.create(&key, value.to_string().into()).await;
@@ -454,6 +477,7 @@ impl Pipeline {
                     if self.is_own_record(&r.task.id, seq).await {
                         keep.push(r);
                     } else {
+                        self.ctx.metrics.duplicates.inc();
                         debug!(task_id = %r.task.id, "duplicate id; not run again");
                     }
                 }
@@ -496,6 +520,11 @@ impl Pipeline {
         let meta = BatchMeta::new(&batch.route.queue, batch.route.partition, self.epoch);
         let sealed = envelope::seal(&self.ctx.keys, &self.ctx.config.codec, meta, &tasks)
             .map_err(|e| e.to_string())?;
+        let m = &self.ctx.metrics;
+        m.batch_tasks.observe(tasks.len() as f64);
+        m.batch_plaintext
+            .observe(sealed.stats.plaintext_bytes as f64);
+        m.batch_sealed.observe(sealed.stats.body_bytes as f64);
         let (headers, body) = sealed.into_parts();
         let mut map = HeaderMap::new();
         for (k, v) in headers.to_pairs() {

@@ -16,4 +16,5 @@ pub mod batcher;
 pub mod election;
 pub mod intake;
 pub mod leader;
+pub mod metrics;
 pub mod run;

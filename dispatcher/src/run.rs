@@ -4,12 +4,17 @@
 //! events and request results into [`Event`]s and carries out the [`Action`]s. Leading runs in
 //! its own task with its own cancellation token, cancelled the moment the machine says to stop.
 
+use crate::batcher::BatcherConfig;
 use crate::election::{Action, Election, Event, LeaseConfig, StepDown};
+use crate::intake::Strategy;
 use crate::leader::{self, LeaderConfig, LeaderContext};
+use crate::metrics::DispatcherMetrics;
 use async_nats::jetstream::{self, kv};
 use drover_shared::config::ConnectArgs;
 use drover_shared::keyring::Keyring;
-use drover_shared::topology::{self, TopologyConfig};
+use drover_shared::ops::{self, Health, Metrics};
+use drover_shared::settings::{self, QueueSettings, Settings};
+use drover_shared::topology::{self, QueueConsumerConfig, TopologyConfig};
 use futures::StreamExt;
 use serde::Serialize;
 use std::sync::Arc;
@@ -21,23 +26,91 @@ use tracing::{error, info, warn};
 /// Most JetStream publishes the dispatcher keeps waiting for acks at once.
 pub const MAX_ACKS_IN_FLIGHT: usize = 16_384;
 
-/// Everything a dispatcher replica needs to run.
+/// What one replica runs with, derived from the layered [`Settings`].
 #[derive(Clone)]
-pub struct DispatcherSettings {
+pub struct Replica {
     /// How to reach NATS.
     pub connect: ConnectArgs,
     /// This replica's id.
     pub id: String,
     /// Stream and bucket sizing.
     pub topology: TopologyConfig,
-    /// Lease timing; `lease` must equal the election bucket's max_age (`topology.lease_ms`).
+    /// Lease timing; `lease` is the election bucket's max_age (`topology.lease_ms`).
     pub lease: LeaseConfig,
     /// Dispatch pipeline settings.
     pub leader: LeaderConfig,
     /// Envelope keys.
     pub keys: Arc<Keyring>,
-    /// The address metrics are served on, published in the leader value.
-    pub addr: Option<String>,
+    /// Where `/metrics`, `/healthz` and `/readyz` are served.
+    pub metrics_addr: String,
+}
+
+impl Replica {
+    /// Derives a replica from validated settings; fails without keys.
+    pub fn from_settings(settings: &Settings) -> anyhow::Result<Self> {
+        let keys = settings.keyring()?;
+        let nats = &settings.nats;
+        let connect = ConnectArgs {
+            nats_url: nats.url.join(","),
+            creds: nats.creds.clone(),
+            user: nats.user.clone(),
+            password: nats.password.as_ref().map(|p| p.expose().to_owned()),
+            tls_ca: nats.tls_ca.clone(),
+            tls_cert: nats.tls_cert.clone(),
+            tls_key: nats.tls_key.clone(),
+            prefix: nats.prefix.clone(),
+        };
+        let d = &settings.dispatcher;
+        let defaults = QueueSettings::default();
+        if settings
+            .queues
+            .values()
+            .any(|q| q.strategy == settings::Strategy::LeastLoaded)
+            || defaults.strategy == settings::Strategy::LeastLoaded
+        {
+            warn!("strategy least_loaded is not implemented yet; using round_robin");
+        }
+        let strategy = |s: settings::Strategy| match s {
+            settings::Strategy::Random => Strategy::Random,
+            _ => Strategy::RoundRobin,
+        };
+        Ok(Self {
+            connect,
+            id: settings
+                .id
+                .clone()
+                .unwrap_or_else(drover_shared::config::default_id),
+            topology: settings.topology.clone(),
+            lease: LeaseConfig {
+                lease: settings.lease(),
+                margin: settings.lease_margin(),
+            },
+            leader: LeaderConfig {
+                batcher: BatcherConfig {
+                    max_batch: d.max_batch,
+                    max_batch_bytes: d.max_batch_bytes,
+                    linger: Duration::from_millis(d.linger_ms),
+                },
+                codec: settings.codec,
+                default_partitions: defaults.partitions,
+                queue_partitions: settings
+                    .queues
+                    .iter()
+                    .map(|(name, q)| (name.clone(), q.partitions))
+                    .collect(),
+                strategy: strategy(defaults.strategy),
+                default_timeout_ms: defaults.timeout_ms,
+                max_chunk: d.intake_fetch,
+                track_queued: d.tracking == settings::Tracking::Full,
+                queue_consumers: QueueConsumerConfig {
+                    max_in_flight: i64::from(defaults.max_in_flight),
+                    ack_wait: settings.topology.worker_ttl(),
+                },
+            },
+            keys: Arc::new(keys),
+            metrics_addr: settings.metrics.addr.clone(),
+        })
+    }
 }
 
 /// The value of `drover-election.leader` (SPEC §10).
@@ -53,8 +126,24 @@ struct LeaderValue<'a> {
 
 /// Runs one replica until `shutdown` fires; on shutdown a leader hands over (NAKs held intake,
 /// deletes its lease) so a standby takes over at once.
-pub async fn run(settings: DispatcherSettings, shutdown: CancellationToken) -> anyhow::Result<()> {
+pub async fn run(settings: Replica, shutdown: CancellationToken) -> anyhow::Result<()> {
     let names = settings.connect.names()?;
+    let mut registry = Metrics::new("dispatcher", env!("CARGO_PKG_VERSION"));
+    let metrics = Arc::new(DispatcherMetrics::register(&mut registry));
+    let health = Health::new();
+    let addr = ops::serve(
+        &settings.metrics_addr,
+        Arc::new(registry),
+        health.clone(),
+        shutdown.clone().cancelled_owned(),
+    )
+    .await?;
+    info!(%addr, "serving /metrics, /healthz, /readyz");
+    health.set_live(true);
+    let settings = Replica {
+        metrics_addr: addr.to_string(),
+        ..settings
+    };
     let client = drover_shared::connect::connect(
         &settings.connect,
         &format!("drover-dispatcher {}", settings.id),
@@ -63,6 +152,7 @@ pub async fn run(settings: DispatcherSettings, shutdown: CancellationToken) -> a
     .await?;
     let report = topology::provision(&client, &names, &settings.topology).await?;
     info!(id = %settings.id, %report, "provisioned");
+    health.set_ready(true, "provisioned");
     // Pipelined publishes wait for room instead of failing when many acks are outstanding.
     let js = jetstream::context::ContextBuilder::new()
         .max_ack_inflight(MAX_ACKS_IN_FLIGHT)
@@ -76,15 +166,17 @@ pub async fn run(settings: DispatcherSettings, shutdown: CancellationToken) -> a
         keys: settings.keys.clone(),
         config: Arc::new(settings.leader.clone()),
         max_payload: client.server_info().max_payload,
+        metrics: metrics.clone(),
     };
     campaign(&settings, &election_kv, ctx, shutdown).await;
+    health.set_live(false);
     client.flush().await.ok();
     Ok(())
 }
 
 /// The election loop.
 async fn campaign(
-    settings: &DispatcherSettings,
+    settings: &Replica,
     kv: &kv::Store,
     ctx: LeaderContext,
     shutdown: CancellationToken,
@@ -97,7 +189,7 @@ async fn campaign(
             host: &host,
             pid: std::process::id(),
             since: &since,
-            addr: settings.addr.as_deref(),
+            addr: Some(settings.metrics_addr.as_str()),
             epoch,
         })
         .unwrap_or_default()
@@ -114,6 +206,8 @@ async fn campaign(
         }
     };
     let mut leading: Option<(CancellationToken, tokio::task::JoinHandle<()>)> = None;
+    let metrics = ctx.metrics.clone();
+    let mut leaderless_since: Option<Instant> = None;
     let mut epoch: Option<u64> = None;
 
     loop {
@@ -132,8 +226,16 @@ async fn campaign(
                     None => std::future::pending().await,
                 }
             } => match entry {
-                Ok(e) if e.operation != kv::Operation::Put => Event::KeyGone,
-                Ok(_) => continue,
+                Ok(e) if e.operation != kv::Operation::Put => {
+                    leaderless_since.get_or_insert_with(Instant::now);
+                    Event::KeyGone
+                }
+                Ok(_) => {
+                    if let Some(t) = leaderless_since.take() {
+                        metrics.leaderless.inc_by(t.elapsed().as_secs_f64());
+                    }
+                    continue;
+                }
                 Err(_) => continue,
             },
         };
@@ -164,6 +266,8 @@ async fn campaign(
                 }
                 Action::StartLeading { epoch: e } => {
                     info!(epoch = e, id = %settings.id, "elected leader");
+                    metrics.leader.set(1);
+                    metrics.leader_changes.inc();
                     epoch = Some(e);
                     let token = CancellationToken::new();
                     let (ctx, t) = (ctx.clone(), token.clone());
@@ -178,6 +282,11 @@ async fn campaign(
                     if reason != StepDown::Shutdown {
                         warn!(reason = reason.as_str(), "stopped leading");
                     }
+                    metrics.leader.set(0);
+                    metrics
+                        .step_downs
+                        .get_or_create(&[("reason", reason.as_str())])
+                        .inc();
                     epoch = None;
                     if let Some((token, handle)) = leading.take() {
                         token.cancel();

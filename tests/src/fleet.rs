@@ -11,7 +11,8 @@ use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 /// The path of Drover binary `bin` (`drover-dispatcher`, `drover-worker`, `drover`), built with
-/// `cargo build` the first time it is asked for in this test process.
+/// `cargo build` (every workspace binary at once) the first time one is asked for in this test
+/// process, so tests always run the current code.
 ///
 /// # Panics
 /// If the build fails, with cargo's output.
@@ -26,7 +27,9 @@ pub fn drover_bin(bin: &str) -> PathBuf {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let out = Command::new(cargo)
         .current_dir(&root)
-        .args(["build", "--quiet", "--bin", bin])
+        // The same package and target set as `cargo test --workspace`, so features unify the
+        // same way and nothing the test run already built is rebuilt.
+        .args(["build", "--quiet", "--workspace", "--bins", "--tests"])
         .output()
         .expect("cannot run cargo to build a Drover binary");
     assert!(

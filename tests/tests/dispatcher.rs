@@ -26,10 +26,12 @@ fn dispatcher(server_url: &str, name: &str) -> DroverProcess {
             server_url.into(),
             "--id".into(),
             name.into(),
-            "--partitions".into(),
-            "16".into(),
         ],
-        &[("DROVER_KEYS", KEYS.into()), ("DROVER_LOG", "info".into())],
+        &[
+            ("DROVER_KEYS", KEYS.into()),
+            ("DROVER_LOG", "info".into()),
+            ("DROVER_QUEUES__DEFAULT__PARTITIONS", "16".into()),
+        ],
     )
 }
 
@@ -116,12 +118,14 @@ async fn wait_leader(js: &Context, names: &Names, not: Option<&str>, timeout: Du
 
 #[tokio::test]
 async fn twenty_thousand_tasks_reach_work_exactly_once_in_key_order() {
+    let t0 = Instant::now();
     let server = NatsServer::start().await;
     let names = Names::default();
     let _d = dispatcher(&server.client_url(), "d1");
     let client = server.connect().await;
     let js = jetstream::new(client.clone());
     wait_leader(&js, &names, None, Duration::from_secs(20)).await;
+    eprintln!("leader after {:?}", t0.elapsed());
 
     // 10,000 single submits and 100 arrays of 100; half keyed over 25 keys, each keyed task
     // carrying its per-key sequence number.
@@ -163,6 +167,7 @@ async fn twenty_thousand_tasks_reach_work_exactly_once_in_key_order() {
     for a in acks {
         a.await.unwrap();
     }
+    eprintln!("submitted after {:?}", t0.elapsed());
 
     let submitted = Instant::now();
     let tasks = wait_for_tasks(&js, &names, 20_000, Duration::from_secs(90)).await;
@@ -196,6 +201,24 @@ async fn twenty_thousand_tasks_reach_work_exactly_once_in_key_order() {
         assert!(Instant::now() < deadline, "intake not acked");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    // The leader's /metrics (its address is in the leader value) counts what it did.
+    let kv = js.get_key_value(names.bucket("election")).await.unwrap();
+    let leader: serde_json::Value =
+        serde_json::from_slice(&kv.get("leader").await.unwrap().unwrap()).unwrap();
+    let addr = leader["addr"].as_str().unwrap().parse().unwrap();
+    let health = drover_tests::http_get(addr, "/readyz", Duration::from_secs(5))
+        .await
+        .unwrap();
+    assert_eq!(health.status, 200);
+    let metrics = drover_tests::http_get(addr, "/metrics", Duration::from_secs(5))
+        .await
+        .unwrap();
+    let text = &metrics.body;
+    assert!(
+        text.contains("drover_tasks_dispatched_total 20000"),
+        "{text}"
+    );
+    assert!(text.contains("drover_leader 1"), "{text}");
     let records = js.get_key_value(names.bucket("tasks")).await.unwrap();
     let rec: serde_json::Value =
         serde_json::from_slice(&records.get("t123").await.unwrap().unwrap()).unwrap();
@@ -374,4 +397,41 @@ async fn failover_on_sigkill_sigterm_and_sigstop() {
         Some(fourth.as_str())
     );
     assert!(old.log().contains("stopped leading"), "{}", old.log());
+}
+
+#[test]
+fn print_config_masks_the_keys_and_shows_the_layers() {
+    let out = std::process::Command::new(drover_tests::drover_bin("drover-dispatcher"))
+        .args(["--print-config", "--nats-url", "nats://10.1.2.3:4222"])
+        .env("DROVER_KEYS", KEYS)
+        .env("DROVER_PASSWORD", "hunter2-secret")
+        .env("DROVER_USER", "svc")
+        .env("DROVER_DISPATCHER__MAX_BATCH", "512")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!text.contains("AAECAwQF"), "key material printed:\n{text}");
+    assert!(!text.contains("hunter2"), "password printed:\n{text}");
+    assert!(text.contains("***"));
+    assert!(text.contains("max_batch = 512"), "{text}");
+    assert!(
+        text.contains("nats://10.1.2.3:4222"),
+        "the flag wins: {text}"
+    );
+}
+
+#[test]
+fn refuses_to_start_without_keys() {
+    let out = std::process::Command::new(drover_tests::drover_bin("drover-dispatcher"))
+        .env_remove("DROVER_KEYS")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("drover keys gen"), "{err}");
 }
