@@ -3,11 +3,13 @@
 
 # Main job: a local fleet on a project-local nats-server (Ctrl-C stops everything).
 up:
-	cargo run --release -p drover-cli -- up
+	cargo build --release --workspace --bins
+	./target/release/drover up
 
 # The same, with a small demo workload; exits when the demo is done.
 demo:
-	cargo run --release -p drover-cli -- up --demo
+	cargo build --release --workspace --bins
+	./target/release/drover up --demo
 
 # Every test, against real nats-server processes (installed into nats/bin/ first).
 test: nats

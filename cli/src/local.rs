@@ -3,10 +3,12 @@
 
 use anyhow::{Context, bail};
 use drover_shared::config::ConnectArgs;
+use drover_shared::keyring::{KEYS_ENV, Keyring};
 use drover_shared::names::Names;
 use drover_shared::topology::{self, TopologyConfig};
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{ExitCode, Stdio};
 use std::time::{Duration, Instant};
@@ -33,6 +35,88 @@ pub struct UpArgs {
     /// Prefix of every subject, stream, bucket and consumer.
     #[arg(long, env = "DROVER_PREFIX", default_value = drover_shared::names::DEFAULT_PREFIX)]
     prefix: String,
+    /// Dispatcher replicas to run (one leads, the others stand by).
+    #[arg(long, default_value_t = 2)]
+    dispatchers: usize,
+}
+
+/// Envelope keys for the local fleet: `DROVER_KEYS` if set, else `<dir>/keys`, made on first use
+/// (readable by this user only).
+fn local_keys(dir: &Path) -> anyhow::Result<String> {
+    if let Ok(k) = std::env::var(KEYS_ENV)
+        && !k.trim().is_empty()
+    {
+        Keyring::parse(&k).with_context(|| format!("{KEYS_ENV} is set but invalid"))?;
+        return Ok(k);
+    }
+    let path = dir.join("keys");
+    if !path.exists() {
+        let ring = Keyring::generate("local1")?;
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&path)
+            .with_context(|| format!("cannot create {}", path.display()))?;
+        writeln!(f, "{}", ring.to_env_string())?;
+    }
+    let ring =
+        Keyring::from_file(&path).with_context(|| format!("bad key file {}", path.display()))?;
+    Ok(ring.to_env_string())
+}
+
+/// A Drover component started by `drover up`, stopped with SIGTERM when the fleet stops.
+struct Component {
+    name: String,
+    child: Child,
+}
+
+impl Component {
+    fn start(bin: &str, name: &str, dir: &Path, env: &[(&str, &str)]) -> anyhow::Result<Self> {
+        let exe = std::env::current_exe()?.with_file_name(bin);
+        if !exe.is_file() {
+            bail!(
+                "{} is missing; build every binary first: cargo build --release --workspace --bins",
+                exe.display()
+            );
+        }
+        let log = std::fs::File::create(dir.join(format!("{name}.log")))?;
+        let mut cmd = Command::new(&exe);
+        cmd.args(["--id", name])
+            .envs(env.iter().copied())
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .kill_on_drop(true);
+        // SAFETY: prctl only: the component gets SIGTERM if `drover up` dies.
+        unsafe {
+            cmd.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
+                Ok(())
+            });
+        }
+        let child = cmd.spawn().with_context(|| format!("cannot start {bin}"))?;
+        Ok(Self {
+            name: name.to_owned(),
+            child,
+        })
+    }
+
+    async fn stop(mut self) {
+        if let Some(pid) = self.child.id() {
+            // SAFETY: kill(2) on our own child.
+            unsafe {
+                libc::kill(pid as i32, libc::SIGTERM);
+            }
+        }
+        if tokio::time::timeout(Duration::from_secs(10), self.child.wait())
+            .await
+            .is_err()
+        {
+            eprintln!("{} did not stop in 10 s; killing it", self.name);
+            let _ = self.child.kill().await;
+        }
+    }
 }
 
 /// The project checkout: the directory holding `nats/install.sh`, searched from the current
@@ -171,14 +255,55 @@ pub async fn up(args: UpArgs) -> anyhow::Result<ExitCode> {
         None => install_nats(&root).await?,
     };
     let nats = LocalNats::start(&bin, &root, &args).await?;
-    let result = serve(&args, &names).await;
+    let result = fleet(&args, &names).await;
     nats.shutdown().await;
     println!("stopped; data kept in {}", args.dir.display());
     result
 }
 
-async fn serve(args: &UpArgs, names: &Names) -> anyhow::Result<ExitCode> {
+/// Provisions, starts the dispatchers, runs until Ctrl-C (or the demo ends), stops them.
+async fn fleet(args: &UpArgs, names: &Names) -> anyhow::Result<ExitCode> {
+    let keys = local_keys(&args.dir)?;
     let url = format!("nats://127.0.0.1:{}", args.port);
+    let mut components = Vec::new();
+    let result = async {
+        let client = serve(args, names, &url).await?;
+        for i in 1..=args.dispatchers {
+            let env = [
+                ("DROVER_KEYS", keys.as_str()),
+                ("DROVER_NATS_URL", url.as_str()),
+                ("DROVER_PREFIX", names.prefix()),
+            ];
+            components.push(Component::start(
+                "drover-dispatcher",
+                &format!("dispatcher-{i}"),
+                &args.dir,
+                &env,
+            )?);
+        }
+        println!(
+            "dispatchers  {} started (logs in {})",
+            args.dispatchers,
+            args.dir.display()
+        );
+        println!();
+        if args.demo {
+            demo(&client, names).await?;
+            return Ok(ExitCode::SUCCESS);
+        }
+        println!("Running; press Ctrl-C to stop.");
+        tokio::signal::ctrl_c().await?;
+        Ok(ExitCode::SUCCESS)
+    }
+    .await;
+    for c in components {
+        c.stop().await;
+    }
+    result
+}
+
+async fn serve(args: &UpArgs, names: &Names, url: &str) -> anyhow::Result<async_nats::Client> {
+    let url = url.to_owned();
     let connect = ConnectArgs {
         nats_url: url.clone(),
         creds: None,
@@ -207,17 +332,11 @@ async fn serve(args: &UpArgs, names: &Names) -> anyhow::Result<ExitCode> {
     println!("Inspect:");
     println!("  nats -s {url} stream report");
     println!("  nats -s {url} kv ls");
-    println!();
-    if args.demo {
-        demo(&client, names).await?;
-        return Ok(ExitCode::SUCCESS);
-    }
-    println!("Running; press Ctrl-C to stop.");
-    tokio::signal::ctrl_c().await?;
-    Ok(ExitCode::SUCCESS)
+    println!("  nats -s {url} kv get {} leader", names.bucket("election"));
+    Ok(client)
 }
 
-/// Submits a small mixed workload and shows it captured durably in the intake stream.
+/// Submits a small mixed workload and shows it dispatched into sealed envelopes.
 async fn demo(client: &async_nats::Client, names: &Names) -> anyhow::Result<()> {
     let js = async_nats::jetstream::new(client.clone());
     let run = format!(
@@ -269,11 +388,41 @@ async fn demo(client: &async_nats::Client, names: &Names) -> anyhow::Result<()> 
             ack.stream, ack.sequence
         );
     }
-    let mut stream = js.get_stream(names.submit_stream()).await?;
-    let info = stream.info().await?;
+    // The leader validates them, seals them into per-partition envelopes and acks the intake.
+    let submit = js.get_stream(names.submit_stream()).await?;
+    let work = js.get_stream(names.work_stream()).await?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let pending = submit.get_info().await?.state.messages;
+        if pending == 0 {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "{pending} demo task(s) still waiting for a dispatcher after 30 s; see the dispatcher-*.log files"
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let envelopes = work.get_info().await?.state.messages;
+    let kv = js.get_key_value(names.bucket("election")).await?;
+    let leader = kv
+        .get("leader")
+        .await?
+        .and_then(|v| serde_json::from_slice::<serde_json::Value>(&v).ok())
+        .and_then(|v| v["id"].as_str().map(str::to_owned))
+        .unwrap_or_default();
     println!(
-        "{} holds {} task message(s); they are dispatched once a dispatcher runs",
-        info.config.name, info.state.messages
+        "dispatched   all demo tasks by leader {leader}: {envelopes} sealed envelope(s) wait in {} for workers",
+        names.work_stream()
     );
+    let tasks = js.get_key_value(names.bucket("tasks")).await?;
+    for i in 0..5 {
+        let id = format!("demo-{run}-{i}");
+        if let Some(v) = tasks.get(&id).await? {
+            let rec: serde_json::Value = serde_json::from_slice(&v)?;
+            println!("  {id:<24} {}", rec["state"].as_str().unwrap_or("?"));
+        }
+    }
     Ok(())
 }
