@@ -8,10 +8,12 @@
 //!
 //! | module | decides |
 //! |---|---|
+//! | [`assign`] | which worker owns each partition of each queue, and when `assignment.<queue>` is rewritten |
 //! | [`election`] | when this replica leads, renews, steps down and hands over |
 //! | [`batcher`] | when a partition's pending tasks leave as one envelope |
 //! | [`intake`] | which queue a submission is for, whether it is valid, task ids, partitions |
 
+pub mod assign;
 pub mod batcher;
 pub mod election;
 pub mod intake;
