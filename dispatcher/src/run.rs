@@ -4,6 +4,7 @@
 //! events and request results into [`Event`]s and carries out the [`Action`]s. Leading runs in
 //! its own task with its own cancellation token, cancelled the moment the machine says to stop.
 
+use crate::assign::{self, AssignConfig, AssignContext};
 use crate::batcher::BatcherConfig;
 use crate::election::{Action, Election, Event, LeaseConfig, StepDown};
 use crate::intake::Strategy;
@@ -270,6 +271,20 @@ async fn campaign(
                     metrics.leader_changes.inc();
                     epoch = Some(e);
                     let token = CancellationToken::new();
+                    let assign_ctx = AssignContext {
+                        js: ctx.js.clone(),
+                        names: ctx.names.clone(),
+                        config: AssignConfig::new(
+                            ctx.config.default_partitions,
+                            settings.topology.worker_ttl(),
+                        ),
+                    };
+                    let t = token.clone();
+                    tokio::spawn(async move {
+                        if let Err(err) = assign::assign_loop(assign_ctx, e, t).await {
+                            error!(error = %err, "assigning partitions failed");
+                        }
+                    });
                     let (ctx, t) = (ctx.clone(), token.clone());
                     let handle = tokio::spawn(async move {
                         if let Err(err) = leader::lead(ctx, e, t).await {
