@@ -30,6 +30,9 @@ pub fn drover_bin(bin: &str) -> PathBuf {
         // The same package and target set as `cargo test --workspace`, so features unify the
         // same way and nothing the test run already built is rebuilt.
         .args(["build", "--quiet", "--workspace", "--bins", "--tests"])
+        // Inherited from `cargo test`, it would make build scripts that track it (ring, under
+        // async-nats) rebuild everything on every run.
+        .env_remove("CARGO_MANIFEST_DIR")
         .output()
         .expect("cannot run cargo to build a Drover binary");
     assert!(
