@@ -156,6 +156,20 @@ pub async fn lead(
     Ok(())
 }
 
+/// Gives every predeclared queue (`[queues.<name>]`) its state record (partition count) and
+/// partition consumers, so assignment and workers see the configured partitions before the
+/// first submit. Run by a new leader before it assigns or dispatches.
+pub async fn declare_queues(ctx: &LeaderContext, epoch: u64) {
+    let mut pipeline = Pipeline::new(ctx.clone(), epoch);
+    let mut declared: Vec<&String> = ctx.config.queue_partitions.keys().collect();
+    declared.sort();
+    for queue in declared {
+        if let Err(e) = pipeline.queue(queue).await {
+            warn!(%queue, error = %e, "cannot prepare a predeclared queue; will retry at its first submit");
+        }
+    }
+}
+
 /// A new leader starts only when its predecessor's unacked intake messages are either acked or
 /// due for redelivery, so they come back first and per-key order holds across failover.
 async fn wait_for_predecessor(

@@ -279,17 +279,21 @@ async fn campaign(
                             settings.topology.worker_ttl(),
                         ),
                     };
-                    let t = token.clone();
-                    tokio::spawn(async move {
-                        if let Err(err) = assign::assign_loop(assign_ctx, e, t).await {
-                            error!(error = %err, "assigning partitions failed");
-                        }
-                    });
                     let (ctx, t) = (ctx.clone(), token.clone());
                     let handle = tokio::spawn(async move {
+                        leader::declare_queues(&ctx, e).await;
+                        let assigning = tokio::spawn({
+                            let t = t.clone();
+                            async move {
+                                if let Err(err) = assign::assign_loop(assign_ctx, e, t).await {
+                                    error!(error = %err, "assigning partitions failed");
+                                }
+                            }
+                        });
                         if let Err(err) = leader::lead(ctx, e, t).await {
                             error!(error = %err, "leading failed");
                         }
+                        let _ = assigning.await;
                     });
                     leading = Some((token, handle));
                 }

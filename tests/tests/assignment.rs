@@ -30,10 +30,12 @@ fn dispatcher(server_url: &str, name: &str) -> DroverProcess {
             server_url.into(),
             "--id".into(),
             name.into(),
-            "--partitions".into(),
-            P.to_string(),
         ],
-        &[("DROVER_KEYS", KEYS.into()), ("DROVER_LOG", "info".into())],
+        &[
+            ("DROVER_KEYS", KEYS.into()),
+            ("DROVER_LOG", "info".into()),
+            ("DROVER_QUEUES__DEFAULT__PARTITIONS", P.to_string()),
+        ],
     )
 }
 
@@ -287,8 +289,11 @@ async fn assignment_follows_joins_leaves_and_expiry() {
         versions.windows(2).all(|v| v[1] == v[0] + 1),
         "{versions:?}"
     );
-    // The assigner never creates queue records (the intake does).
-    assert!(state.get("queue.default").await.unwrap().is_none());
+    // The queue record comes from the leader declaring `[queues.default]` (partitions = P), not
+    // from the assigner.
+    let record: serde_json::Value =
+        serde_json::from_slice(&state.get("queue.default").await.unwrap().unwrap()).unwrap();
+    assert_eq!(record["partitions"], P);
     assert!(d.is_running());
 }
 

@@ -67,7 +67,9 @@ impl WatchFeed {
                 .cached_info()
                 .state
                 .messages;
-            let watch = self.kv.watch_all().await?;
+            // With history: the last value of every key first (`watch_all` would only
+            // deliver changes made after it opens).
+            let watch = self.kv.watch_with_history(">").await?;
             Ok::<_, async_nats::Error>((messages, watch))
         }
         .await;
