@@ -12,7 +12,9 @@
 //! | [`election`] | when this replica leads, renews, steps down and hands over |
 //! | [`batcher`] | when a partition's pending tasks leave as one envelope |
 //! | [`intake`] | which queue a submission is for, whether it is valid, task ids, partitions |
+//! | [`api`] | how each request of the API (§1.3) is answered, on every replica: submit, status, cancel, retry |
 
+pub mod api;
 pub mod assign;
 pub mod batcher;
 pub mod election;

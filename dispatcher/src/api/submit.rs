@@ -1,0 +1,107 @@
+//! The validated submit path (SPEC §1.1): validate exactly as the intake will, list the tasks
+//! whose ids already have records as duplicates, publish the submission into `DROVER_SUBMIT` as
+//! the one message the client sent, and reply only after its PubAck.
+//!
+//! One message, byte for byte: the intake then accepts or rejects the whole array as one
+//! (workflows stay together), payloads pass through untouched, and it assigns the very ids this
+//! endpoint replies with — a task's own id, else one derived from the forwarded `Nats-Msg-Id`,
+//! else `_s<stream seq>` from the PubAck's sequence (SPEC's id rule, the same on both paths).
+//! Duplicates inside a partly new array are left in the message: the intake drops them by the
+//! same record check, and the reply lists them.
+
+use super::request::{self, PLACEHOLDER_SEQ, PlannedId, SubmitReply};
+use super::{Api, to_reply, unavailable};
+use crate::intake::{self, IntakeLimits};
+use async_nats::{HeaderMap, Message};
+use drover_shared::error::ApiError;
+use futures::StreamExt;
+use std::collections::HashSet;
+
+/// Record look-ups in flight at once for one submission.
+const LOOKUPS_IN_FLIGHT: usize = 64;
+
+impl Api {
+    pub(super) async fn submit(&self, token: &str, msg: &Message) -> Result<Vec<u8>, ApiError> {
+        let names = &self.ctx.names;
+        let queue = request::check_queue(names, token)?;
+        let msg_id = msg
+            .headers
+            .as_ref()
+            .and_then(|h| h.get("Nats-Msg-Id"))
+            .map(|v| v.as_str().to_owned());
+        let limits = IntakeLimits {
+            max_payload: self.ctx.max_payload,
+            default_timeout_ms: self.ctx.default_timeout_ms,
+        };
+        let accepted = intake::prepare(
+            names,
+            &names.submit_subject(queue),
+            &msg.payload,
+            msg_id.as_deref(),
+            PLACEHOLDER_SEQ,
+            chrono::Utc::now().timestamp_millis(),
+            limits,
+        )
+        .map_err(|r| r.error)?;
+        let planned = request::plan_ids(&accepted.tasks, msg_id.as_deref());
+        let mut duplicates = self.existing(&planned).await?;
+
+        let ids: Vec<String> = if duplicates.len() == planned.len() {
+            // Nothing new: publish nothing. Every id is known here (an id from the stream
+            // sequence is never a duplicate), so none needs a sequence.
+            duplicates.clone()
+        } else {
+            let mut headers = HeaderMap::new();
+            if let Some(m) = request::forward_msg_id(msg_id.as_deref(), &planned) {
+                headers.insert("Nats-Msg-Id", m);
+            }
+            let ack = self
+                .ctx
+                .js
+                .publish_with_headers(names.submit_subject(queue), headers, msg.payload.clone())
+                .await
+                .map_err(|e| unavailable("cannot publish the submission", e))?
+                .await
+                .map_err(|e| {
+                    unavailable("the submission was not stored in the intake stream", e)
+                })?;
+            let ids: Vec<String> = planned.iter().map(|p| p.resolve(ack.sequence)).collect();
+            if ack.duplicate {
+                // The stream holds this message already (same Nats-Msg-Id within its duplicate
+                // window): every task of it was submitted before.
+                duplicates = ids.clone();
+            }
+            ids
+        };
+        to_reply(&SubmitReply {
+            ok: true,
+            ids: &ids,
+            queue,
+            duplicates: &duplicates,
+        })
+    }
+
+    /// The known ids that already have a record (any entry on the key, as the intake's create
+    /// with expected sequence 0 sees it), in submit order.
+    async fn existing(&self, planned: &[PlannedId]) -> Result<Vec<String>, ApiError> {
+        let known: Vec<String> = planned
+            .iter()
+            .filter_map(PlannedId::known)
+            .map(str::to_owned)
+            .collect();
+        let tasks = &self.tasks;
+        let lookups: Vec<_> = known
+            .iter()
+            .cloned()
+            .map(|id| async move { tasks.entry(id.clone()).await.map(|e| e.map(|_| id)) })
+            .collect();
+        let mut found = HashSet::new();
+        let mut results = futures::stream::iter(lookups).buffer_unordered(LOOKUPS_IN_FLIGHT);
+        while let Some(result) = results.next().await {
+            if let Some(id) = result.map_err(|e| unavailable("cannot read task records", e))? {
+                found.insert(id);
+            }
+        }
+        Ok(known.into_iter().filter(|id| found.contains(id)).collect())
+    }
+}
