@@ -161,6 +161,22 @@ pub async fn run(settings: Replica, shutdown: CancellationToken) -> anyhow::Resu
         .build(client.clone());
     let election_kv = js.get_key_value(names.bucket("election")).await?;
 
+    // Every replica, leader or not, answers the request API.
+    let api_ctx = crate::api::ApiContext {
+        client: client.clone(),
+        js: js.clone(),
+        names: names.clone(),
+        replica: settings.id.clone(),
+        max_payload: client.server_info().max_payload,
+        default_timeout_ms: settings.leader.default_timeout_ms,
+    };
+    let api_shutdown = shutdown.clone();
+    let api = tokio::spawn(async move {
+        if let Err(e) = crate::api::serve_api(api_ctx, api_shutdown).await {
+            error!(error = %e, "request API failed; this replica answers no requests");
+        }
+    });
+
     let ctx = LeaderContext {
         js: js.clone(),
         names: names.clone(),
@@ -170,6 +186,8 @@ pub async fn run(settings: Replica, shutdown: CancellationToken) -> anyhow::Resu
         metrics: metrics.clone(),
     };
     campaign(&settings, &election_kv, ctx, shutdown).await;
+    // It answers what it already received, for up to api::DRAIN_DEADLINE.
+    let _ = api.await;
     health.set_live(false);
     client.flush().await.ok();
     Ok(())

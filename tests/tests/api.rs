@@ -25,10 +25,12 @@ fn dispatcher(server_url: &str, name: &str) -> DroverProcess {
             server_url.into(),
             "--id".into(),
             name.into(),
-            "--partitions".into(),
-            "4".into(),
         ],
-        &[("DROVER_KEYS", KEYS.into()), ("DROVER_LOG", "info".into())],
+        &[
+            ("DROVER_KEYS", KEYS.into()),
+            ("DROVER_LOG", "info".into()),
+            ("DROVER_QUEUES__DEFAULT__PARTITIONS", "4".into()),
+        ],
     )
 }
 
