@@ -53,6 +53,9 @@ pub fn drover_bin(bin: &str) -> PathBuf {
     path
 }
 
+/// A fixed envelope keyring for tests (a secret nowhere else).
+pub const TEST_KEYS: &str = "test1:AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
+
 /// A Drover process started by a test.
 #[derive(Debug)]
 pub struct DroverProcess {
@@ -92,6 +95,26 @@ impl DroverProcess {
             log,
             _dir: dir,
         }
+    }
+
+    /// A `drover-dispatcher` replica with id `name` on `server_url`, keyed with [`TEST_KEYS`],
+    /// whose `default` queue has `partitions` partitions.
+    pub fn dispatcher(name: &str, server_url: &str, partitions: u32) -> Self {
+        Self::start(
+            name,
+            "drover-dispatcher",
+            &[
+                "--nats-url".into(),
+                server_url.into(),
+                "--id".into(),
+                name.into(),
+            ],
+            &[
+                ("DROVER_KEYS", TEST_KEYS.into()),
+                ("DROVER_LOG", "info".into()),
+                ("DROVER_QUEUES__DEFAULT__PARTITIONS", partitions.to_string()),
+            ],
+        )
     }
 
     /// The name given at start.

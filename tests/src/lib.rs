@@ -45,7 +45,7 @@ pub use binary::{
     NATS_SERVER_ENV, binary_version, nats_server_binary, nats_server_binary_version, workspace_root,
 };
 pub use cluster::{NatsCluster, NatsClusterBuilder};
-pub use fleet::{DroverProcess, drover_bin};
+pub use fleet::{DroverProcess, TEST_KEYS, drover_bin};
 pub use http::{HttpResponse, http_get};
 pub use ports::free_port;
 pub use server::{

@@ -14,24 +14,10 @@ use std::collections::{BTreeSet, HashMap};
 use std::time::{Duration, Instant};
 
 /// A fixed test keyring (not a secret anywhere else).
-const KEYS: &str = "test1:AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
+const KEYS: &str = drover_tests::TEST_KEYS;
 
 fn dispatcher(server_url: &str, name: &str) -> DroverProcess {
-    DroverProcess::start(
-        name,
-        "drover-dispatcher",
-        &[
-            "--nats-url".into(),
-            server_url.into(),
-            "--id".into(),
-            name.into(),
-        ],
-        &[
-            ("DROVER_KEYS", KEYS.into()),
-            ("DROVER_LOG", "info".into()),
-            ("DROVER_QUEUES__DEFAULT__PARTITIONS", "4".into()),
-        ],
-    )
+    DroverProcess::dispatcher(name, server_url, 4)
 }
 
 /// Starts `n` dispatchers and waits until each serves the API and one leads.

@@ -13,30 +13,13 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-/// A fixed test keyring (not a secret anywhere else).
-const KEYS: &str = "test1:AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
-
 /// The worker TTL (`drover-workers` max_age) of the default topology.
 const TTL: Duration = Duration::from_secs(3);
 
 const P: u32 = 16;
 
 fn dispatcher(server_url: &str, name: &str) -> DroverProcess {
-    DroverProcess::start(
-        name,
-        "drover-dispatcher",
-        &[
-            "--nats-url".into(),
-            server_url.into(),
-            "--id".into(),
-            name.into(),
-        ],
-        &[
-            ("DROVER_KEYS", KEYS.into()),
-            ("DROVER_LOG", "info".into()),
-            ("DROVER_QUEUES__DEFAULT__PARTITIONS", P.to_string()),
-        ],
-    )
+    DroverProcess::dispatcher(name, server_url, P)
 }
 
 /// The leader value of `drover-election`: `(id, epoch)` once the leader has renewed (the

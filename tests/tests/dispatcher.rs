@@ -11,28 +11,14 @@ use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
 
 /// A fixed test keyring (not a secret anywhere else).
-const KEYS: &str = "test1:AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
+const KEYS: &str = drover_tests::TEST_KEYS;
 
 fn keyring() -> Keyring {
     Keyring::parse(KEYS).unwrap()
 }
 
 fn dispatcher(server_url: &str, name: &str) -> DroverProcess {
-    DroverProcess::start(
-        name,
-        "drover-dispatcher",
-        &[
-            "--nats-url".into(),
-            server_url.into(),
-            "--id".into(),
-            name.into(),
-        ],
-        &[
-            ("DROVER_KEYS", KEYS.into()),
-            ("DROVER_LOG", "info".into()),
-            ("DROVER_QUEUES__DEFAULT__PARTITIONS", "16".into()),
-        ],
-    )
+    DroverProcess::dispatcher(name, server_url, 16)
 }
 
 /// Every task in `DROVER_WORK`, decoded, in stream order, with the epoch of its envelope.
