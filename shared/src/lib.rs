@@ -11,6 +11,7 @@
 //! | [`error`] | the wire error object `{"error":{code,message,field?,index?}}` | §1.5 |
 //! | [`keyring`] | key ids and secrets, `DROVER_KEYS` parsing, rotation | §3, §8 |
 //! | [`envelope`] | the sealed batch: zstd → AES-256-GCM → HMAC-SHA256, and its verification | §3 |
+//! | [`outcome`] | worker → leader outcome messages and the leader's per-outcome decision | §2, §5, §7 |
 //! | [`partition`] | key → partition (FNV-1a 32 mod P) | §4 |
 //! | [`ring`] | partition → worker: bounded-load consistent hashing | §4 |
 //! | [`retry`] | the retry/backoff policy, jitter passed in | §1.1, §7 |
@@ -29,6 +30,7 @@ pub mod keyring;
 pub mod names;
 #[cfg(feature = "nats")]
 pub mod ops;
+pub mod outcome;
 pub mod partition;
 pub mod retry;
 pub mod ring;
