@@ -229,7 +229,7 @@ pub enum OutcomeDecision {
         /// The `retrying` record.
         record: TaskRecord,
         /// The next attempt of the task (payload from the outcome).
-        next: Task,
+        next: Box<Task>,
         /// How long to wait before it.
         delay: Duration,
     },
@@ -302,7 +302,7 @@ pub fn decide(
                     record.next_run_at = Some(at(now_ms.saturating_add(delay_ms)));
                     OutcomeDecision::Retry {
                         record,
-                        next,
+                        next: Box::new(next),
                         delay,
                     }
                 }
