@@ -40,9 +40,9 @@ pub enum OutcomeStatus {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Outcome {
-    /// The task as it was run. Its `payload` is kept only when the leader may need it for another
-    /// attempt (a retryable failure with attempts left); otherwise it is `null`, to keep outcome
-    /// messages small.
+    /// The task as it was run. Its `payload` is kept for `failed` outcomes, where the leader needs
+    /// it for another attempt or for the DLQ copy that `drover dlq replay` re-submits; for
+    /// `succeeded` and `cancelled` it is `null`, to keep outcome messages small.
     pub task: Task,
     /// How the attempt ended.
     pub status: OutcomeStatus,
@@ -77,11 +77,8 @@ impl Outcome {
         }
     }
 
-    /// A failed attempt. The payload is kept only if a retry may follow.
-    pub fn failed(mut task: Task, error: TaskError, started_ms: i64, finished_ms: i64) -> Self {
-        if !(error.kind.is_retryable() && task.attempt < task.max_attempts) {
-            task.payload = null_payload();
-        }
+    /// A failed attempt; the payload stays (retry or DLQ copy).
+    pub fn failed(task: Task, error: TaskError, started_ms: i64, finished_ms: i64) -> Self {
         Self {
             task,
             status: OutcomeStatus::Failed,
@@ -390,7 +387,7 @@ mod tests {
             Outcome::failed(task(3, 3), err(ErrorKind::Timeout), 0, 1),
             Outcome::failed(task(1, 3), err(ErrorKind::UnknownType), 0, 1),
         ] {
-            assert_eq!(o.task.payload.get(), "null");
+            assert_eq!(o.task.payload.get(), r#"{"a":1}"#, "kept for the DLQ copy");
             match decide(None, &o, "w", 0, 0.0, 0) {
                 OutcomeDecision::Finish { record, dead } => {
                     assert!(dead);
