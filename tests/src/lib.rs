@@ -11,6 +11,7 @@
 //! | [`test_connect_options`] | client options with fast reconnects, used by every `connect()` |
 //! | [`http_get`] | a tiny HTTP GET for the monitoring endpoints |
 //! | [`DroverProcess`], [`drover_bin`] | Drover's own binaries as real child processes, built once per run |
+//! | [`observe`] | decoding `DROVER_WORK` with the test keys, waiting for the intake to drain, finding the leader |
 //! | [`free_port`] | free loopback ports, never handed out twice in one process |
 //!
 //! The binary is `$DROVER_NATS_SERVER`, else `<workspace>/nats/bin/nats-server`; without it every
@@ -37,6 +38,7 @@ pub mod binary;
 pub mod cluster;
 pub mod fleet;
 pub mod http;
+pub mod observe;
 pub mod ports;
 mod process;
 pub mod server;

@@ -2,10 +2,8 @@
 //! envelopes exactly once and in key order, rejected submissions, and leader failover.
 
 use async_nats::jetstream::{self, context::Context};
-use drover_shared::envelope::{self, CodecConfig};
-use drover_shared::keyring::Keyring;
 use drover_shared::names::Names;
-use drover_shared::task::Task;
+use drover_tests::observe::{leader_id, wait_for_tasks, wait_leader, work_tasks};
 use drover_tests::{DroverProcess, NatsServer};
 use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
@@ -13,93 +11,8 @@ use std::time::{Duration, Instant};
 /// A fixed test keyring (not a secret anywhere else).
 const KEYS: &str = drover_tests::TEST_KEYS;
 
-fn keyring() -> Keyring {
-    Keyring::parse(KEYS).unwrap()
-}
-
 fn dispatcher(server_url: &str, name: &str) -> DroverProcess {
     DroverProcess::dispatcher(name, server_url, 16)
-}
-
-/// Every task in `DROVER_WORK`, decoded, in stream order, with the epoch of its envelope.
-async fn work_tasks(js: &Context, names: &Names) -> Vec<(u64, Task)> {
-    let stream = js.get_stream(names.work_stream()).await.unwrap();
-    let last = stream.get_info().await.unwrap().state.last_sequence;
-    let ring = keyring();
-    let mut out = Vec::new();
-    for seq in 1..=last {
-        let Ok(m) = stream.get_raw_message(seq).await else {
-            continue;
-        };
-        let headers = m.headers.clone();
-        let (hdr, opened) = envelope::open_message::<Task>(
-            &ring,
-            &CodecConfig::default(),
-            names,
-            m.subject.as_str(),
-            |name| headers.get(name).map(|v| v.as_str()),
-            &m.payload,
-        )
-        .expect("every envelope opens with the keyring");
-        for t in opened.tasks {
-            out.push((hdr.epoch, t));
-        }
-    }
-    out
-}
-
-async fn wait_for_tasks(
-    js: &Context,
-    names: &Names,
-    n: usize,
-    timeout: Duration,
-) -> Vec<(u64, Task)> {
-    // Wait until the intake is drained and the work stream stops growing, then decode once.
-    let deadline = Instant::now() + timeout;
-    let submit = js.get_stream(names.submit_stream()).await.unwrap();
-    let work = js.get_stream(names.work_stream()).await.unwrap();
-    let mut last = u64::MAX;
-    loop {
-        let pending = submit.get_info().await.unwrap().state.messages;
-        let envelopes = work.get_info().await.unwrap().state.last_sequence;
-        if pending == 0 && envelopes == last {
-            let tasks = work_tasks(js, names).await;
-            if tasks.len() >= n {
-                return tasks;
-            }
-            eprintln!("{} of {n} tasks in DROVER_WORK so far", tasks.len());
-        }
-        last = envelopes;
-        assert!(
-            Instant::now() < deadline,
-            "only part of {n} tasks reached DROVER_WORK in {timeout:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
-/// The current leader's id, from `drover-election.leader`.
-async fn leader_id(js: &Context, names: &Names) -> Option<String> {
-    let kv = js.get_key_value(names.bucket("election")).await.ok()?;
-    let v = kv.get("leader").await.ok()??;
-    let v: serde_json::Value = serde_json::from_slice(&v).ok()?;
-    Some(v["id"].as_str()?.to_owned())
-}
-
-async fn wait_leader(js: &Context, names: &Names, not: Option<&str>, timeout: Duration) -> String {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(id) = leader_id(js, names).await
-            && Some(id.as_str()) != not
-        {
-            return id;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no new leader within {timeout:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
 }
 
 #[tokio::test]
@@ -162,7 +75,7 @@ async fn twenty_thousand_tasks_reach_work_exactly_once_in_key_order() {
         submitted.elapsed()
     );
     let mut seen: HashMap<&str, usize> = HashMap::new();
-    for (_, t) in &tasks {
+    for t in tasks.iter().map(|d| &d.task) {
         *seen.entry(t.id.as_str()).or_default() += 1;
     }
     assert_eq!(tasks.len(), 20_000, "no task twice");
@@ -170,7 +83,7 @@ async fn twenty_thousand_tasks_reach_work_exactly_once_in_key_order() {
     // Same-key tasks in submit order (stream order within a partition, array order within an
     // envelope).
     let mut last: BTreeMap<String, u64> = BTreeMap::new();
-    for (_, t) in &tasks {
+    for t in tasks.iter().map(|d| &d.task) {
         if let Some(key) = &t.key {
             let n: serde_json::Value = serde_json::from_str(t.payload.get()).unwrap();
             let n = n["n"].as_u64().unwrap();
@@ -263,7 +176,7 @@ async fn invalid_submissions_become_rejected_records_and_nothing_stops() {
     .await
     .unwrap();
     let tasks = wait_for_tasks(&js, &names, 1, Duration::from_secs(20)).await;
-    assert_eq!(tasks[0].1.id, "good");
+    assert_eq!(tasks[0].task.id, "good");
 
     let dlq = js.get_stream(names.dlq_stream()).await.unwrap();
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -298,7 +211,7 @@ async fn time_to_dispatch(js: &Context, names: &Names, id: &str, since: Instant)
     .await
     .unwrap();
     let tasks = wait_for_tasks(js, names, before + 1, Duration::from_secs(15)).await;
-    assert!(tasks.iter().any(|(_, t)| t.id == id));
+    assert!(tasks.iter().any(|d| d.task.id == id));
     since.elapsed()
 }
 
@@ -368,11 +281,15 @@ async fn failover_on_sigkill_sigterm_and_sigstop() {
         time_to_dispatch(&js, &names, &format!("later-{i}"), Instant::now()).await;
     }
     let tasks = work_tasks(&js, &names).await;
-    let new_epoch = tasks.iter().find(|(_, t)| t.id == "after-stop").unwrap().0;
-    let first_new = tasks.iter().position(|(e, _)| *e == new_epoch).unwrap();
+    let new_epoch = tasks
+        .iter()
+        .find(|d| d.task.id == "after-stop")
+        .unwrap()
+        .epoch;
+    let first_new = tasks.iter().position(|d| d.epoch == new_epoch).unwrap();
     let stale = tasks[first_new..]
         .iter()
-        .filter(|(e, _)| *e < new_epoch)
+        .filter(|d| d.epoch < new_epoch)
         .count();
     assert!(
         stale <= 1,
