@@ -14,6 +14,9 @@ use std::time::{Duration, Instant};
 /// `cargo build` (every workspace binary at once) the first time one is asked for in this test
 /// process, so tests always run the current code.
 ///
+/// An optimized harness (`cargo bench`) builds and runs release binaries, so benchmarks measure
+/// what users run; tests use the debug build that `cargo test` already made.
+///
 /// # Panics
 /// If the build fails, with cargo's output.
 pub fn drover_bin(bin: &str) -> PathBuf {
@@ -25,11 +28,17 @@ pub fn drover_bin(bin: &str) -> PathBuf {
     }
     let root = crate::workspace_root();
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let out = Command::new(cargo)
-        .current_dir(&root)
+    let release = !cfg!(debug_assertions);
+    let args: &[&str] = if release {
+        &["build", "--quiet", "--release", "--workspace", "--bins"]
+    } else {
         // The same package and target set as `cargo test --workspace`, so features unify the
         // same way and nothing the test run already built is rebuilt.
-        .args(["build", "--quiet", "--workspace", "--bins", "--tests"])
+        &["build", "--quiet", "--workspace", "--bins", "--tests"]
+    };
+    let out = Command::new(cargo)
+        .current_dir(&root)
+        .args(args)
         // Inherited from `cargo test`, it would make build scripts that track it (ring, under
         // async-nats) rebuild everything on every run.
         .env_remove("CARGO_MANIFEST_DIR")
@@ -43,7 +52,9 @@ pub fn drover_bin(bin: &str) -> PathBuf {
     let target = std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| root.join("target"));
-    let path = target.join("debug").join(bin);
+    let path = target
+        .join(if release { "release" } else { "debug" })
+        .join(bin);
     assert!(
         path.is_file(),
         "built {bin} but {} is missing",
