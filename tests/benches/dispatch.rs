@@ -4,7 +4,7 @@
 //!
 //! `cargo bench -p drover-tests --bench dispatch` (release binaries, one local nats-server, file
 //! storage). Environment: `DROVER_BENCH_TASKS` (default 50,000), `DROVER_BENCH_TRIALS`
-//! (default 20). Prints numbers; asserts nothing about speed.
+//! (default 20; 0 skips the fail-over trials). Prints numbers; asserts nothing about speed.
 
 use async_nats::HeaderMap;
 use async_nats::jetstream::{self, stream};
@@ -25,7 +25,17 @@ fn env_usize(name: &str, default: usize) -> usize {
         .unwrap_or(default)
 }
 
+/// A release `drover-dispatcher`; `DROVER_DISPATCHER__*` and `DROVER_TOPOLOGY__*` variables of
+/// the bench's own environment pass through, for trying settings.
 fn dispatcher(name: &str, url: &str, prefix: &str) -> DroverProcess {
+    let mut env = vec![
+        ("DROVER_KEYS", TEST_KEYS.to_owned()),
+        ("DROVER_LOG", "warn".to_owned()),
+    ];
+    let passed: Vec<(String, String)> = std::env::vars()
+        .filter(|(k, _)| k.starts_with("DROVER_DISPATCHER__") || k.starts_with("DROVER_TOPOLOGY__"))
+        .collect();
+    env.extend(passed.iter().map(|(k, v)| (k.as_str(), v.clone())));
     DroverProcess::start(
         name,
         "drover-dispatcher",
@@ -37,10 +47,7 @@ fn dispatcher(name: &str, url: &str, prefix: &str) -> DroverProcess {
             "--prefix".into(),
             prefix.into(),
         ],
-        &[
-            ("DROVER_KEYS", TEST_KEYS.into()),
-            ("DROVER_LOG", "warn".into()),
-        ],
+        &env,
     )
 }
 
@@ -238,7 +245,12 @@ async fn main() {
 
     // Fail-over: three replicas, a steady trickle of tasks, kill the leader, time until the
     // first envelope of the next term.
-    for (label, signal) in [("SIGKILL", libc::SIGKILL), ("SIGTERM", libc::SIGTERM)] {
+    let signals: &[(&str, i32)] = if trials == 0 {
+        &[]
+    } else {
+        &[("SIGKILL", libc::SIGKILL), ("SIGTERM", libc::SIGTERM)]
+    };
+    for &(label, signal) in signals {
         let names = Names::new(&format!("bfail{}", signal)).unwrap();
         let mut fleet: Vec<DroverProcess> = (0..3)
             .map(|i| dispatcher(&format!("f{signal}-{i}"), &url, names.prefix()))
