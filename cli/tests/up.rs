@@ -1,5 +1,6 @@
-//! `drover up --demo` end to end through the real binary: installs/starts a project-local
-//! nats-server, provisions it, submits the demo durably, and leaves no process behind.
+//! `drover up --demo` end to end through the real binaries: installs/starts a project-local
+//! nats-server, provisions it, starts dispatchers and workers, runs the demo workload to the end
+//! (successes in key order, a failure retried into the DLQ), and leaves no process behind.
 
 use drover_tests::drover_bin;
 use std::net::TcpListener;
@@ -33,21 +34,35 @@ fn up_demo_runs_and_cleans_up() {
         "drover up --demo failed\n{stdout}\n{stderr}"
     );
     assert!(stdout.contains("provisioned"), "{stdout}");
-    assert_eq!(
-        stdout.matches("durable in DROVER_SUBMIT").count(),
-        5,
-        "{stdout}"
-    );
-    assert!(stdout.contains("dispatchers  2 started"), "{stdout}");
     assert!(
-        stdout.contains("dispatched   all demo tasks by leader dispatcher-"),
+        stdout.contains("fleet        2 dispatcher(s), 2 worker(s) started"),
         "{stdout}"
     );
-    assert_eq!(
-        stdout.matches(" queued").count(),
-        5,
-        "every demo task has a queued record: {stdout}"
+    assert!(stdout.contains("leader       dispatcher-"), "{stdout}");
+    assert_eq!(stdout.matches("worker       ").count(), 2, "{stdout}");
+    assert!(
+        stdout.contains("7 tasks finished")
+            && stdout.contains("6 succeeded, 1 failed after 3 attempts"),
+        "{stdout}"
     );
+    // The failing task retried twice before it failed for good.
+    let fail_lines: Vec<&str> = stdout.lines().filter(|l| l.contains("-fail ")).collect();
+    assert_eq!(
+        fail_lines.iter().filter(|l| l.contains("retrying")).count(),
+        2,
+        "{stdout}"
+    );
+    // Keyed tasks finished in submit order.
+    let order: Vec<usize> = ["-order-1 ", "-order-2 ", "-order-3 "]
+        .iter()
+        .map(|k| {
+            stdout
+                .lines()
+                .position(|l| l.contains(k) && l.contains("succeeded"))
+                .unwrap_or_else(|| panic!("{k} did not succeed: {stdout}"))
+        })
+        .collect();
+    assert!(order.windows(2).all(|w| w[0] < w[1]), "{stdout}");
     // The server is gone: its port is free again.
     assert!(
         TcpListener::bind(("127.0.0.1", port)).is_ok(),

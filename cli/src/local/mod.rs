@@ -1,5 +1,8 @@
 //! `drover up`: a local fleet on a project-local nats-server that this process starts, owns and
-//! stops.
+//! stops: dispatchers and workers as child processes, a live status line, and `--demo`.
+
+mod demo;
+mod status;
 
 use anyhow::{Context, bail};
 use drover_shared::config::ConnectArgs;
@@ -26,7 +29,8 @@ pub struct UpArgs {
     /// Monitoring port of the local nats-server (/healthz, /varz, /jsz).
     #[arg(long, default_value_t = 8222)]
     monitor_port: u16,
-    /// Submit a small demo workload, show it captured durably, and exit when done.
+    /// Submit a mixed demo workload (echo, sleep, keyed tasks in order, a failing task that
+    /// retries into the dead-letter queue), follow it to the end, stop the fleet and exit.
     #[arg(long)]
     demo: bool,
     /// The nats-server binary to run (default: the one `nats/install.sh` installs).
@@ -38,6 +42,12 @@ pub struct UpArgs {
     /// Dispatcher replicas to run (one leads, the others stand by).
     #[arg(long, default_value_t = 2)]
     dispatchers: usize,
+    /// Worker processes to run.
+    #[arg(long, default_value_t = 2)]
+    workers: usize,
+    /// Seconds between live status lines (0: none).
+    #[arg(long, default_value_t = 5)]
+    status_every: u64,
 }
 
 /// Envelope keys for the local fleet: `DROVER_KEYS` if set, else `<dir>/keys`, made on first use
@@ -261,19 +271,20 @@ pub async fn up(args: UpArgs) -> anyhow::Result<ExitCode> {
     result
 }
 
-/// Provisions, starts the dispatchers, runs until Ctrl-C (or the demo ends), stops them.
+/// Provisions, starts the dispatchers and workers, runs until Ctrl-C (or the demo ends), stops
+/// them.
 async fn fleet(args: &UpArgs, names: &Names) -> anyhow::Result<ExitCode> {
     let keys = local_keys(&args.dir)?;
     let url = format!("nats://127.0.0.1:{}", args.port);
     let mut components = Vec::new();
     let result = async {
         let client = serve(args, names, &url).await?;
+        let env = [
+            ("DROVER_KEYS", keys.as_str()),
+            ("DROVER_NATS_URL", url.as_str()),
+            ("DROVER_PREFIX", names.prefix()),
+        ];
         for i in 1..=args.dispatchers {
-            let env = [
-                ("DROVER_KEYS", keys.as_str()),
-                ("DROVER_NATS_URL", url.as_str()),
-                ("DROVER_PREFIX", names.prefix()),
-            ];
             components.push(Component::start(
                 "drover-dispatcher",
                 &format!("dispatcher-{i}"),
@@ -281,18 +292,36 @@ async fn fleet(args: &UpArgs, names: &Names) -> anyhow::Result<ExitCode> {
                 &env,
             )?);
         }
+        for i in 1..=args.workers {
+            components.push(Component::start(
+                "drover-worker",
+                &format!("worker-{i}"),
+                &args.dir,
+                &env,
+            )?);
+        }
         println!(
-            "dispatchers  {} started (logs in {})",
+            "fleet        {} dispatcher(s), {} worker(s) started (logs in {})",
             args.dispatchers,
+            args.workers,
             args.dir.display()
         );
+        let js = async_nats::jetstream::new(client.clone());
+        print_endpoints(&js, names, args.workers).await;
         println!();
         if args.demo {
-            demo(&client, names).await?;
+            demo::run(&client, names).await?;
             return Ok(ExitCode::SUCCESS);
         }
         println!("Running; press Ctrl-C to stop.");
-        tokio::signal::ctrl_c().await?;
+        let stop = async {
+            let _ = tokio::signal::ctrl_c().await;
+        };
+        if args.status_every == 0 {
+            stop.await;
+        } else {
+            status::follow(&js, names, Duration::from_secs(args.status_every), stop).await;
+        }
         Ok(ExitCode::SUCCESS)
     }
     .await;
@@ -300,6 +329,49 @@ async fn fleet(args: &UpArgs, names: &Names) -> anyhow::Result<ExitCode> {
         c.stop().await;
     }
     result
+}
+
+/// Waits (up to 20 s) for a leader and the workers, then prints where their `/metrics` live.
+async fn print_endpoints(js: &async_nats::jetstream::Context, names: &Names, workers: usize) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let snap = status::snapshot(js, names).await;
+        if (snap.leader.is_some() && snap.workers >= workers) || Instant::now() > deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut lines = Vec::new();
+    if let Ok(kv) = js.get_key_value(names.bucket("election")).await
+        && let Ok(Some(v)) = kv.get("leader").await
+        && let Ok(v) = serde_json::from_slice::<serde_json::Value>(&v)
+    {
+        lines.push(format!(
+            "leader       {} (epoch {})  metrics http://{}/metrics",
+            v["id"].as_str().unwrap_or("?"),
+            v["epoch"],
+            v["addr"].as_str().unwrap_or("?")
+        ));
+    } else {
+        lines.push("leader       none yet; see the dispatcher-*.log files".to_owned());
+    }
+    if let Ok(kv) = js.get_key_value(names.bucket("workers")).await
+        && let Ok(mut keys) = kv.keys().await
+    {
+        while let Some(Ok(key)) = futures::StreamExt::next(&mut keys).await {
+            if let Ok(Some(v)) = kv.get(&key).await
+                && let Ok(v) = serde_json::from_slice::<serde_json::Value>(&v)
+            {
+                lines.push(format!(
+                    "worker       {key}  metrics http://{}/metrics",
+                    v["addr"].as_str().unwrap_or("?")
+                ));
+            }
+        }
+    }
+    for l in lines {
+        println!("{l}");
+    }
 }
 
 async fn serve(args: &UpArgs, names: &Names, url: &str) -> anyhow::Result<async_nats::Client> {
@@ -334,95 +406,4 @@ async fn serve(args: &UpArgs, names: &Names, url: &str) -> anyhow::Result<async_
     println!("  nats -s {url} kv ls");
     println!("  nats -s {url} kv get {} leader", names.bucket("election"));
     Ok(client)
-}
-
-/// Submits a small mixed workload and shows it dispatched into sealed envelopes.
-async fn demo(client: &async_nats::Client, names: &Names) -> anyhow::Result<()> {
-    let js = async_nats::jetstream::new(client.clone());
-    let run = format!(
-        "{:x}",
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)?
-            .as_millis()
-    );
-    let tasks = [
-        (
-            "default",
-            serde_json::json!({"type":"echo","payload":{"hello":"drover"}}),
-        ),
-        (
-            "default",
-            serde_json::json!({"type":"sleep","payload":{"ms":200}}),
-        ),
-        (
-            "default",
-            serde_json::json!({"type":"fail","payload":{"message":"demo failure"},"max_attempts":2,"backoff":{"initial_ms":100}}),
-        ),
-        (
-            "default",
-            serde_json::json!({"type":"noop","key":"customer-1"}),
-        ),
-        (
-            "default",
-            serde_json::json!({"type":"noop","key":"customer-1"}),
-        ),
-    ];
-    let mut acks = Vec::new();
-    for (i, (queue, task)) in tasks.iter().enumerate() {
-        let mut headers = async_nats::HeaderMap::new();
-        let id = format!("demo-{run}-{i}");
-        headers.insert("Nats-Msg-Id", id.as_str());
-        let ack = js
-            .publish_with_headers(
-                names.submit_subject(queue),
-                headers,
-                serde_json::to_vec(task)?.into(),
-            )
-            .await?;
-        acks.push((id, ack));
-    }
-    for (id, ack) in acks {
-        let ack = ack.await?;
-        println!(
-            "submitted {id:<24} durable in {} at seq {}",
-            ack.stream, ack.sequence
-        );
-    }
-    // The leader validates them, seals them into per-partition envelopes and acks the intake.
-    let submit = js.get_stream(names.submit_stream()).await?;
-    let work = js.get_stream(names.work_stream()).await?;
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let pending = submit.get_info().await?.state.messages;
-        if pending == 0 {
-            break;
-        }
-        if Instant::now() > deadline {
-            bail!(
-                "{pending} demo task(s) still waiting for a dispatcher after 30 s; see the dispatcher-*.log files"
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let envelopes = work.get_info().await?.state.messages;
-    let kv = js.get_key_value(names.bucket("election")).await?;
-    let leader = kv
-        .get("leader")
-        .await?
-        .and_then(|v| serde_json::from_slice::<serde_json::Value>(&v).ok())
-        .and_then(|v| v["id"].as_str().map(str::to_owned))
-        .unwrap_or_default();
-    println!(
-        "dispatched   all demo tasks by leader {leader}: {envelopes} sealed envelope(s) wait in {} for workers",
-        names.work_stream()
-    );
-    let tasks = js.get_key_value(names.bucket("tasks")).await?;
-    for i in 0..5 {
-        let id = format!("demo-{run}-{i}");
-        if let Some(v) = tasks.get(&id).await? {
-            let rec: serde_json::Value = serde_json::from_slice(&v)?;
-            println!("  {id:<24} {}", rec["state"].as_str().unwrap_or("?"));
-        }
-    }
-    Ok(())
 }
