@@ -2,3 +2,4 @@
 
 pub mod circuit;
 pub mod exec;
+pub mod http;
