@@ -351,7 +351,8 @@ impl Limits {
     fn for_run(config: &ExecHandler, deadline: Instant) -> Self {
         let cpu_secs = config.cpu_secs.unwrap_or_else(|| {
             let left = deadline.saturating_duration_since(Instant::now());
-            left.as_secs() + u64::from(left.subsec_nanos() > 0)
+            left.as_secs()
+                .saturating_add(u64::from(left.subsec_nanos() > 0))
         });
         Self {
             address_space: config.memory_mb.saturating_mul(MIB),
