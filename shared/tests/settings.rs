@@ -741,6 +741,8 @@ fn cross_field_rules() {
 fn handler_rules() {
     let v = violations(
         "[worker.exec.a]\nargv = []\nenv_allow = [\"PATH\", \"DROVER_KEYS\", \"1BAD\"]\nmemory_mb = 1\n\
+         env = { DROVER_PASSWORD = \"x\", \"2BAD\" = \"y\", OK = \"z\" }\n\
+         [worker.http.b]\nurl = \"https://b\"\nmax_response_bytes = 0\n\
          [worker.http.a]\nurl = \"ftp://x\"\nheaders = { \"Bad Header\" = \"v\" }\nbreaker = { failures = 0 }\n\
          [worker.http.\"bad type!\"]\nurl = \"https://x\"\n",
     );
@@ -748,7 +750,10 @@ fn handler_rules() {
         "worker.exec.a.argv must name the program to run",
         "worker.exec.a.env_allow must not pass DROVER_KEYS: it is a secret of the worker",
         "worker.exec.a.env_allow \"1BAD\" is not a variable name",
+        "worker.exec.a.env must not set DROVER_PASSWORD",
+        "worker.exec.a.env \"2BAD\" is not a variable name",
         "worker.exec.a.memory_mb must be at least 16, got 1",
+        "worker.http.b.max_response_bytes must be",
         "worker.http.a is also worker.exec.a: a type has one handler",
         "worker.http.a.url must be an http:// or https:// URL, got \"ftp://x\"",
         "worker.http.a.headers \"Bad Header\" is not a header name",
@@ -780,6 +785,7 @@ fn bad_inline_keys_are_a_violation_without_the_secret() {
 
 const PASSWORD: &str = "pa55-w0rd-unique";
 const HEADER: &str = "Bearer tok-unique-123";
+const ENV_SECRET: &str = "env-t0ken-unique";
 const FLAG_PASSWORD: &str = "flag-pa55-unique";
 
 fn assert_hidden(text: &str, secrets: &[&str]) {
@@ -792,19 +798,22 @@ fn assert_hidden(text: &str, secrets: &[&str]) {
 fn secrets_never_show_in_print_config_or_debug() {
     let file = format!(
         "[nats]\nuser = \"bob\"\npassword = \"{PASSWORD}\"\n[keys]\ninline = \"k1:{KEY_A}\"\n\
-         [worker.http.hook]\nurl = \"https://h\"\nheaders = {{ Authorization = \"{HEADER}\" }}\n"
+         [worker.http.hook]\nurl = \"https://h\"\nheaders = {{ Authorization = \"{HEADER}\" }}\n\
+         [worker.exec.run]\nargv = [\"/bin/true\"]\nenv = {{ API_TOKEN = \"{ENV_SECRET}\" }}\n"
     );
     let s = ok(Some(&file), &[], &flags());
+    assert_eq!(s.worker.exec["run"].env["API_TOKEN"].expose(), ENV_SECRET);
     assert_eq!(s.nats.password.as_ref().unwrap().expose(), PASSWORD);
     let printed = print_config(&s);
     let debug = format!("{s:?} {s:#?}");
     for text in [&printed, &debug] {
-        assert_hidden(text, &[PASSWORD, KEY_A, HEADER]);
+        assert_hidden(text, &[PASSWORD, KEY_A, HEADER, ENV_SECRET]);
         assert!(text.contains(MASK), "{text}");
     }
     assert!(printed.contains("password = \"***\""), "{printed}");
     assert!(printed.contains("inline = \"***\""), "{printed}");
     assert!(printed.contains("Authorization = \"***\""), "{printed}");
+    assert!(printed.contains("API_TOKEN = \"***\""), "{printed}");
 
     // From DROVER_KEYS and a --password flag.
     let env_keys = format!("k2:{KEY_B}");

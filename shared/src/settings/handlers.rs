@@ -82,6 +82,9 @@ pub struct ExecHandler {
     /// Names of the worker's environment variables passed to the process; all others are
     /// removed. `DROVER_KEYS` and `DROVER_PASSWORD` can never be passed.
     pub env_allow: Vec<String>,
+    /// Variables set for the process, by name, after `env_allow` (a name in both takes this
+    /// value). Values are secrets (they often carry tokens): never printed.
+    pub env: BTreeMap<String, Secret>,
     /// Working directory: `"fresh"` (a new temporary directory per run) or an absolute path.
     pub cwd: CwdPolicy,
     /// Address-space limit of the process in MiB (`RLIMIT_AS`).
@@ -101,6 +104,7 @@ impl Default for ExecHandler {
         Self {
             argv: Vec::new(),
             env_allow: Vec::new(),
+            env: BTreeMap::new(),
             cwd: CwdPolicy::Fresh,
             memory_mb: default_memory_mb(),
             cpu_secs: None,
@@ -115,6 +119,9 @@ impl Default for ExecHandler {
 
 const fn default_http_timeout_ms() -> u64 {
     30_000
+}
+const fn default_max_response_bytes() -> usize {
+    64 * 1024
 }
 const fn default_breaker_failures() -> u32 {
     5
@@ -155,6 +162,9 @@ pub struct HttpHandler {
     pub timeout_ms: u64,
     /// Extra request headers. Values are secrets (they often carry tokens): never printed.
     pub headers: BTreeMap<String, Secret>,
+    /// Most response-body bytes kept as the result; a longer body fails the attempt
+    /// (1..=64 MiB).
+    pub max_response_bytes: usize,
     /// Circuit breaker of this target.
     pub breaker: BreakerSettings,
 }
@@ -165,6 +175,7 @@ impl Default for HttpHandler {
             url: String::new(),
             timeout_ms: default_http_timeout_ms(),
             headers: BTreeMap::new(),
+            max_response_bytes: default_max_response_bytes(),
             breaker: BreakerSettings::default(),
         }
     }

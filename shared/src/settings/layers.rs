@@ -72,6 +72,7 @@ const SECRET_PATHS: &[&[&str]] = &[
     &["nats", "password"],
     &["keys", "inline"],
     &["worker", "http", "*", "headers"],
+    &["worker", "exec", "*", "env"],
 ];
 
 /// Setting paths, each as its parts.

@@ -370,6 +370,21 @@ impl Settings {
                     );
                 }
             }
+            for name in h.env.keys() {
+                if NEVER_PASSED_ENV.contains(&name.as_str()) {
+                    c.fail(
+                        &at("env"),
+                        format!(
+                            "must not set {name}: the name is reserved for the worker's secrets"
+                        ),
+                    );
+                } else if !is_env_name(name) {
+                    c.fail(
+                        &at("env"),
+                        format!("{name:?} is not a variable name ([A-Za-z_][A-Za-z0-9_]*)"),
+                    );
+                }
+            }
             c.at_least(&at("memory_mb"), h.memory_mb, 16);
             if let Some(cpu) = h.cpu_secs {
                 c.at_least(&at("cpu_secs"), cpu, 1);
@@ -406,6 +421,11 @@ impl Settings {
                 );
             }
             c.at_least(&at("timeout_ms"), h.timeout_ms, 1);
+            c.range(
+                &at("max_response_bytes"),
+                h.max_response_bytes,
+                1..=64 * MIB,
+            );
             for name in h.headers.keys() {
                 if !is_header_name(name) {
                     c.fail(&at("headers"), format!("{name:?} is not a header name"));
