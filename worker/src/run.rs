@@ -601,7 +601,9 @@ async fn partition_loop(
         };
         while let Some(m) = batch.next().await {
             let Ok(msg) = m else { continue };
-            if shared.draining.is_cancelled() {
+            // Arrived for a pull made before the partition moved away or shutdown began:
+            // hand it back at once, for the new owner (or the next life of this worker).
+            if shared.draining.is_cancelled() || stop.is_cancelled() {
                 if shared.gate.may_act() {
                     let _ = msg
                         .ack_with(async_nats::jetstream::AckKind::Nak(None))
