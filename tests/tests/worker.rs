@@ -116,8 +116,10 @@ impl Fixture {
 
     /// Settings for an in-process worker.
     fn settings(&self, id: &str, queue: &str) -> Settings {
-        let mut s = Settings::default();
-        s.id = Some(id.to_owned());
+        let mut s = Settings {
+            id: Some(id.to_owned()),
+            ..Settings::default()
+        };
         s.nats.url = vec![self.server.client_url()];
         s.keys.inline = Some(Secret::new(TEST_KEYS));
         s.topology = topology_config();

@@ -346,7 +346,7 @@ async fn run_batch(
     let mut records = records;
     let mut runners = Vec::with_capacity(chains.len());
     for chain in chains {
-        let items: Vec<(Arc<Task>, CancellationToken, Option<(TaskRecord, u64)>)> = chain
+        let items: Vec<ChainItem> = chain
             .iter()
             .map(|&i| {
                 (
@@ -440,6 +440,9 @@ const fn error_kind_label(kind: ErrorKind) -> &'static str {
         ErrorKind::Cancelled => "cancelled",
     }
 }
+
+/// One task of a chain: the task, its cancel token, its record and revision read at receipt.
+type ChainItem = (Arc<Task>, CancellationToken, Option<(TaskRecord, u64)>);
 
 /// How an attempt ended before its handler returned.
 enum End {

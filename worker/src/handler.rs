@@ -104,6 +104,9 @@ impl HandlerOutput for () {
     }
 }
 
+/// Where [`TaskContext::progress`] reports go: `(task id, fraction)`.
+pub type ProgressSink = Arc<dyn Fn(&str, f64) + Send + Sync>;
+
 /// Everything a handler knows about the attempt it runs.
 #[derive(Clone)]
 pub struct TaskContext {
@@ -111,7 +114,7 @@ pub struct TaskContext {
     deadline: Instant,
     cancel: CancellationToken,
     checkpoints: Checkpoints,
-    progress: Arc<dyn Fn(&str, f64) + Send + Sync>,
+    progress: ProgressSink,
 }
 
 impl fmt::Debug for TaskContext {
@@ -130,7 +133,7 @@ impl TaskContext {
         deadline: Instant,
         cancel: CancellationToken,
         checkpoints: Checkpoints,
-        progress: Arc<dyn Fn(&str, f64) + Send + Sync>,
+        progress: ProgressSink,
     ) -> Self {
         Self {
             task,
