@@ -1,0 +1,111 @@
+//! The client examples of `examples/` against a real nats-server and dispatcher: the Python one
+//! (nats-py, installed from PyPI into a venv under `target/`) submits over the durable path,
+//! sees `queued`, and reports the terminal record the test writes. Skipped only when `python3`
+//! is not installed, and then loudly.
+
+mod common;
+
+use common::{finish, fleet, wait_state};
+use serde_json::{Value, json};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// A venv with the example's requirements, made once (pip is quiet when they are installed).
+fn venv_python() -> Option<PathBuf> {
+    if Command::new("python3").arg("--version").output().is_err() {
+        eprintln!("SKIPPED: python3 is not installed, so examples/python cannot be checked");
+        return None;
+    }
+    let venv = root().join("target/py-examples");
+    let python = venv.join("bin/python");
+    if !python.is_file() {
+        let st = Command::new("python3")
+            .args(["-m", "venv"])
+            .arg(&venv)
+            .status()
+            .expect("python3 -m venv");
+        assert!(st.success(), "python3 -m venv {} failed", venv.display());
+    }
+    let out = Command::new(&python)
+        .args(["-m", "pip", "install", "-q", "-r"])
+        .arg(root().join("examples/python/requirements.txt"))
+        .output()
+        .expect("pip");
+    assert!(
+        out.status.success(),
+        "pip install -r examples/python/requirements.txt failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Some(python)
+}
+
+#[tokio::test]
+async fn python_example_submits_and_waits_for_the_terminal_record() {
+    let Some(python) = tokio::task::spawn_blocking(venv_python).await.unwrap() else {
+        return;
+    };
+    let (server, _d, js) = fleet(2).await;
+    let url = server.client_url();
+    let script = root().join("examples/python/submit.py");
+
+    let child = tokio::process::Command::new(&python)
+        .arg(&script)
+        .args([
+            "--nats-url",
+            &url,
+            "--id",
+            "py-1",
+            "--payload",
+            r#"{"x":1}"#,
+        ])
+        .args(["--key", "customer-42", "--timeout", "30"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    wait_state(&js, "py-1", "queued").await;
+    finish(&js, "py-1", "succeeded", json!({"x": 1}), None).await;
+    let out = tokio::time::timeout(Duration::from_secs(30), child.wait_with_output())
+        .await
+        .expect("the example did not end")
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stdout}\n{stderr}");
+    assert!(
+        stdout.starts_with("submitted py-1 to drover.submit.default"),
+        "{stdout}"
+    );
+    // The partition the doc's formula gives for this key.
+    assert!(stdout.contains("goes to partition 62 of 64"), "{stdout}");
+    assert!(stdout.contains("state queued\n"), "{stdout}");
+    let json_start = stdout.find('{').unwrap();
+    let record: Value = serde_json::from_str(&stdout[json_start..]).unwrap();
+    assert_eq!(
+        (record["state"].as_str(), &record["result"]),
+        (Some("succeeded"), &json!({"x": 1}))
+    );
+
+    // Nothing finishes it: exit 3 after the timeout.
+    let out = tokio::process::Command::new(&python)
+        .arg(&script)
+        .args(["--nats-url", &url, "--id", "py-2", "--timeout", "1"])
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(out.status.code(), Some(3), "{out:?}");
+    // A bad payload: exit 2.
+    let out = tokio::process::Command::new(&python)
+        .arg(&script)
+        .args(["--nats-url", &url, "--payload", "{nope"])
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+}
