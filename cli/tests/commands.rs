@@ -5,11 +5,10 @@
 mod common;
 
 use async_nats::HeaderMap;
-use async_nats::jetstream::{self, context::Context};
 use common::{finish, fleet, wait_state};
 use drover_shared::names::Names;
 use drover_shared::task::{Task, TaskSpec};
-use drover_tests::{DroverProcess, NatsServer, TEST_KEYS, drover_bin, free_port};
+use drover_tests::{NatsServer, TEST_KEYS, drover_bin, free_port};
 use serde_json::{Value, json};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
