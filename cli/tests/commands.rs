@@ -529,13 +529,15 @@ async fn inspect_opens_envelopes_with_the_right_keys_only() {
 async fn error_paths_print_one_line_and_their_exit_code() {
     // Nothing listens on this port: exit 3.
     let dead = format!("nats://127.0.0.1:{}", free_port());
-    for args in [
+    // (In parallel: each waits out the 5 s connect timeout.)
+    let commands = [
         vec!["status", "t1"],
         vec!["tasks"],
         vec!["submit", "echo"],
         vec!["workers"],
-    ] {
-        let r = drover(&dead, &args).await;
+    ];
+    let runs = futures::future::join_all(commands.iter().map(|args| drover(&dead, args))).await;
+    for (args, r) in commands.iter().zip(&runs) {
         assert!(
             r.one_error(3).contains("cannot connect to NATS"),
             "{args:?}: {r:?}"
