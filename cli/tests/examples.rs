@@ -12,6 +12,29 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
+/// Reads the example's stdout until it reports `state queued` (so the test writes the terminal
+/// record only once the example watches), returning what it printed so far.
+async fn until_queued(child: &mut tokio::process::Child) -> String {
+    use tokio::io::AsyncBufReadExt;
+    let stdout = child.stdout.as_mut().expect("piped stdout");
+    let mut lines = tokio::io::BufReader::new(stdout).lines();
+    let mut seen = String::new();
+    let read = async {
+        while let Some(line) = lines.next_line().await.expect("read stdout") {
+            seen.push_str(&line);
+            seen.push('\n');
+            if line == "state queued" {
+                return;
+            }
+        }
+        panic!("the example ended before it saw `queued`");
+    };
+    tokio::time::timeout(Duration::from_secs(30), read)
+        .await
+        .expect("the example never reported `queued`");
+    seen
+}
+
 fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
 }
@@ -54,7 +77,7 @@ async fn python_example_submits_and_waits_for_the_terminal_record() {
     let url = server.client_url();
     let script = root().join("examples/python/submit.py");
 
-    let child = tokio::process::Command::new(&python)
+    let mut child = tokio::process::Command::new(&python)
         .arg(&script)
         .args([
             "--nats-url",
@@ -71,12 +94,13 @@ async fn python_example_submits_and_waits_for_the_terminal_record() {
         .spawn()
         .unwrap();
     wait_state(&js, "py-1", "queued").await;
+    let head = until_queued(&mut child).await;
     finish(&js, "py-1", "succeeded", json!({"x": 1}), None).await;
     let out = tokio::time::timeout(Duration::from_secs(30), child.wait_with_output())
         .await
         .expect("the example did not end")
         .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stdout = head + &String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(0), "{stdout}\n{stderr}");
     assert!(
@@ -142,7 +166,7 @@ async fn node_example_submits_and_waits_for_the_terminal_record() {
     };
     let (server, _d, js) = fleet(2).await;
     let url = server.client_url();
-    let child = tokio::process::Command::new("node")
+    let mut child = tokio::process::Command::new("node")
         .arg("submit.mjs")
         .args([
             "--nats-url",
@@ -160,6 +184,7 @@ async fn node_example_submits_and_waits_for_the_terminal_record() {
         .spawn()
         .unwrap();
     wait_state(&js, "js-1", "queued").await;
+    let head = until_queued(&mut child).await;
     finish(
         &js,
         "js-1",
@@ -172,7 +197,7 @@ async fn node_example_submits_and_waits_for_the_terminal_record() {
         .await
         .expect("the example did not end")
         .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stdout = head + &String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     // A failed task is exit 1, with the record printed.
     assert_eq!(out.status.code(), Some(1), "{stdout}\n{stderr}");
