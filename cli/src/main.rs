@@ -1,5 +1,6 @@
 //! `drover`: submit, inspect and operate a Drover fleet, and run one locally (`drover up`).
 
+mod cmd;
 mod local;
 
 use anyhow::Context;
@@ -45,6 +46,27 @@ enum Command {
     /// Manage envelope keys.
     #[command(subcommand)]
     Keys(KeysCommand),
+    /// Submit a task through the validated API and print its id (`--wait` for the outcome).
+    Submit(cmd::submit::SubmitArgs),
+    /// Show a task's record (exit 1 if it failed, was cancelled or upstream failed).
+    Status(cmd::status::StatusArgs),
+    /// Wait until tasks are terminal (exit 1 if any did not succeed).
+    Wait(cmd::wait::WaitArgs),
+    /// Cancel a task (scheduled and queued tasks never start; running ones are aborted).
+    Cancel(cmd::cancel::CancelArgs),
+    /// List task records, most recently submitted first.
+    Tasks(cmd::tasks::TasksArgs),
+    /// List live workers, their load and the partitions they own.
+    Workers(cmd::workers::WorkersArgs),
+    /// Show which dispatcher leads.
+    Leader(cmd::leader::LeaderArgs),
+    /// Show the backlog per queue (and per partition of one queue).
+    Queues(cmd::queues::QueuesArgs),
+    /// Dead, rejected and quarantined messages: ls, show, replay, purge.
+    #[command(subcommand)]
+    Dlq(cmd::dlq::DlqCommand),
+    /// Open a sealed envelope of the work stream by stream sequence.
+    Inspect(cmd::inspect::InspectArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -58,7 +80,10 @@ enum KeysCommand {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => return usage_error(&e),
+    };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -78,8 +103,56 @@ fn main() -> ExitCode {
     }
 }
 
+/// Prints a flag error as one line (`--help`/`--version` print in full) and exits 2.
+fn usage_error(e: &clap::Error) -> ExitCode {
+    use clap::error::ErrorKind;
+    if matches!(
+        e.kind(),
+        ErrorKind::DisplayHelp
+            | ErrorKind::DisplayVersion
+            | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+    ) {
+        let _ = e.print();
+        return if e.kind() == ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand {
+            ExitCode::from(cmd::Exit::Usage as u8)
+        } else {
+            ExitCode::SUCCESS
+        };
+    }
+    let text = e.render().to_string();
+    let first = text
+        .lines()
+        .find(|l| !l.trim().is_empty())
+        .unwrap_or("error: invalid arguments")
+        .trim();
+    let first = first.strip_prefix("error: ").unwrap_or(first);
+    eprintln!("error: {first} (see --help)");
+    ExitCode::from(cmd::Exit::Usage as u8)
+}
+
+/// Runs an operator command; its error is printed as one line and mapped to its exit code.
+fn finish(result: Result<cmd::Exit, cmd::CliError>) -> ExitCode {
+    match result {
+        Ok(exit) => exit.into(),
+        Err(e) => {
+            eprintln!("error: {}", cmd::output::one_line(&e.message));
+            e.exit.into()
+        }
+    }
+}
+
 async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
+        Command::Submit(a) => Ok(finish(cmd::submit::run(a).await)),
+        Command::Status(a) => Ok(finish(cmd::status::run(a).await)),
+        Command::Wait(a) => Ok(finish(cmd::wait::run(a).await)),
+        Command::Cancel(a) => Ok(finish(cmd::cancel::run(a).await)),
+        Command::Tasks(a) => Ok(finish(cmd::tasks::run(a).await)),
+        Command::Workers(a) => Ok(finish(cmd::workers::run(a).await)),
+        Command::Leader(a) => Ok(finish(cmd::leader::run(a).await)),
+        Command::Queues(a) => Ok(finish(cmd::queues::run(a).await)),
+        Command::Dlq(a) => Ok(finish(cmd::dlq::run(a).await)),
+        Command::Inspect(a) => Ok(finish(cmd::inspect::run(a).await)),
         Command::Up(args) => local::up(args).await,
         Command::Init { connect, replicas } => {
             let names = connect.names()?;
