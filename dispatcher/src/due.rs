@@ -209,12 +209,15 @@ impl Due {
             .strip_prefix(self.ctx.names.prefix())
             .and_then(|s| s.strip_prefix(".due."))
             .ok_or_else(|| {
-                Unopenable::Bad("subject_mismatch", format!("{} is not a due subject", msg.subject))
+                Unopenable::Bad(
+                    "subject_mismatch",
+                    format!("{} is not a due subject", msg.subject),
+                )
             })?;
         let empty = async_nats::HeaderMap::new();
         let h = msg.headers.as_ref().unwrap_or(&empty);
-        let opened = EnvelopeHeaders::from_lookup(|name| h.get(name).map(|v| v.as_str()))
-            .and_then(|headers| {
+        let opened = EnvelopeHeaders::from_lookup(|name| h.get(name).map(|v| v.as_str())).and_then(
+            |headers| {
                 envelope::open::<Task>(
                     &self.ctx.keys,
                     &self.ctx.config.codec,
@@ -225,7 +228,8 @@ impl Due {
                     &headers,
                     &msg.payload,
                 )
-            });
+            },
+        );
         match opened {
             Ok(o) if o.tasks.iter().all(|t| t.queue == queue) => Ok(o.tasks),
             Ok(_) => Err(Unopenable::Bad(
@@ -251,7 +255,11 @@ impl Due {
                 }
                 DueDecision::Dispatch(None) => return Ok(true),
                 DueDecision::Dispatch(Some(record)) => {
-                    match self.records.write(&task.id, current.revision, &record).await {
+                    match self
+                        .records
+                        .write(&task.id, current.revision, &record)
+                        .await
+                    {
                         Ok(_) => {
                             self.ctx.events.emit(&record);
                             return Ok(true);

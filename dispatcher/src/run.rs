@@ -5,13 +5,13 @@
 //! its own task with its own cancellation token, cancelled the moment the machine says to stop.
 
 use crate::assign::{self, AssignConfig, AssignContext};
-use crate::{due, outcomes};
 use crate::batcher::BatcherConfig;
-use crate::events::EventSink;
 use crate::election::{Action, Election, Event, LeaseConfig, StepDown};
+use crate::events::EventSink;
 use crate::intake::Strategy;
 use crate::leader::{self, LeaderConfig, LeaderContext};
 use crate::metrics::DispatcherMetrics;
+use crate::{due, outcomes};
 use async_nats::jetstream::{self, kv};
 use drover_shared::config::ConnectArgs;
 use drover_shared::keyring::Keyring;

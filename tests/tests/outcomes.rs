@@ -181,8 +181,11 @@ impl Rig {
     async fn succeed(&self, r: &Received, result: Value) {
         let now = now_ms();
         let raw = serde_json::value::RawValue::from_string(result.to_string()).unwrap();
-        self.report(r, vec![Outcome::succeeded(r.task.clone(), raw, now - 5, now)])
-            .await;
+        self.report(
+            r,
+            vec![Outcome::succeeded(r.task.clone(), raw, now - 5, now)],
+        )
+        .await;
     }
 
     async fn fail(&self, r: &Received, kind: ErrorKind) {
@@ -191,8 +194,11 @@ impl Rig {
             kind,
             message: format!("attempt {} failed", r.task.attempt),
         };
-        self.report(r, vec![Outcome::failed(r.task.clone(), error, now - 5, now)])
-            .await;
+        self.report(
+            r,
+            vec![Outcome::failed(r.task.clone(), error, now - 5, now)],
+        )
+        .await;
     }
 
     /// The record of `id` and its revision.
@@ -260,7 +266,10 @@ impl Rig {
             if let Ok(m) = s.get_last_raw_message_by_subject(subject).await {
                 return m;
             }
-            assert!(Instant::now() < deadline, "nothing on {subject} within {timeout:?}");
+            assert!(
+                Instant::now() < deadline,
+                "nothing on {subject} within {timeout:?}"
+            );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
@@ -348,8 +357,15 @@ async fn failures_retry_after_backoff_then_dead_letter_and_api_retry_runs_again(
         waited >= Duration::from_millis(100),
         "attempt 2 came too early: {waited:?}"
     );
-    assert!(waited < Duration::from_secs(3), "attempt 2 too late: {waited:?}");
-    assert_eq!(a2.task.payload.get(), r#"{"p":7}"#, "the payload travels on");
+    assert!(
+        waited < Duration::from_secs(3),
+        "attempt 2 too late: {waited:?}"
+    );
+    assert_eq!(
+        a2.task.payload.get(),
+        r#"{"p":7}"#,
+        "the payload travels on"
+    );
     rig.fail(&a2, ErrorKind::Timeout).await;
     rig.wait_state("f1", TaskState::Retrying, T).await;
     let failed_at = Instant::now();
@@ -367,7 +383,10 @@ async fn failures_retry_after_backoff_then_dead_letter_and_api_retry_runs_again(
         .last_on(&rig.names.dlq_stream(), &rig.names.dlq_subject(QUEUE), T)
         .await;
     assert_eq!(dlq.headers.get("Drover-Task-Id").unwrap().as_str(), "f1");
-    assert_eq!(dlq.headers.get("Drover-Error-Kind").unwrap().as_str(), "handler");
+    assert_eq!(
+        dlq.headers.get("Drover-Error-Kind").unwrap().as_str(),
+        "handler"
+    );
     let copy: Task = serde_json::from_slice(&dlq.payload).unwrap();
     assert_eq!(copy.payload.get(), r#"{"p":7}"#);
 
@@ -417,7 +436,10 @@ async fn a_retry_timer_survives_a_leader_kill() {
     let second = rig.leader(Some(&first), Duration::from_secs(15)).await;
     eprintln!("leader {first} killed; {second} leads");
     let a2 = rig.wait_attempt("hk", 2, Duration::from_secs(15)).await;
-    assert!(a2.epoch > a1.epoch, "attempt 2 dispatched by the new leader");
+    assert!(
+        a2.epoch > a1.epoch,
+        "attempt 2 dispatched by the new leader"
+    );
     rig.fail(&a2, ErrorKind::Handler).await;
     rig.wait_attempt("hk", 3, Duration::from_secs(15)).await;
     assert_eq!(rig.count_attempts("hk", 2).await, 1);
@@ -447,7 +469,7 @@ async fn unknown_type_fails_at_once_without_retry() {
     let mut rig = Rig::start(1).await;
     rig.submit(json!({"id": "u1", "type": "nope", "max_attempts": 5,
         "backoff": {"initial_ms": 100, "jitter": 0.0}}))
-    .await;
+        .await;
     let r = rig.wait_attempt("u1", 1, T).await;
     rig.fail(&r, ErrorKind::UnknownType).await;
     let (rec, _) = rig.wait_state("u1", TaskState::Failed, T).await;
@@ -479,7 +501,7 @@ async fn cancelled_records_are_never_overwritten() {
     // Cancelled while retrying: the timer fires and is dropped.
     rig.submit(json!({"id": "c2", "type": "echo", "max_attempts": 3,
         "backoff": {"initial_ms": 800, "jitter": 0.0}}))
-    .await;
+        .await;
     let r = rig.wait_attempt("c2", 1, T).await;
     rig.fail(&r, ErrorKind::Handler).await;
     rig.wait_state("c2", TaskState::Retrying, T).await;
@@ -488,7 +510,11 @@ async fn cancelled_records_are_never_overwritten() {
     let (_, rev) = rig.wait_state("c2", TaskState::Cancelled, T).await;
     let deadline = Instant::now() + T;
     while !rig.ds[0].log().contains("timer dropped") {
-        assert!(Instant::now() < deadline, "timer not dropped:\n{}", rig.logs());
+        assert!(
+            Instant::now() < deadline,
+            "timer not dropped:\n{}",
+            rig.logs()
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert_eq!(rig.count_attempts("c2", 2).await, 0);

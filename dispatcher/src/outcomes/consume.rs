@@ -30,7 +30,9 @@ pub async fn consume(
     cancel: CancellationToken,
 ) -> Result<(), LeaderError> {
     let names = &ctx.names;
-    let nats = |what: &'static str| move |e: &dyn std::fmt::Display| LeaderError::Nats(what, e.to_string());
+    let nats = |what: &'static str| {
+        move |e: &dyn std::fmt::Display| LeaderError::Nats(what, e.to_string())
+    };
     let consumer: PullConsumer = ctx
         .js
         .get_stream(names.outcomes_stream())
@@ -96,10 +98,9 @@ impl Handler {
                 return;
             }
         };
-        let results: Vec<Result<(), String>> = futures::future::join_all(
-            decoded.outcomes.iter().map(|o| self.bounded(&decoded, o)),
-        )
-        .await;
+        let results: Vec<Result<(), String>> =
+            futures::future::join_all(decoded.outcomes.iter().map(|o| self.bounded(&decoded, o)))
+                .await;
         let failed: Vec<&String> = results.iter().filter_map(|r| r.as_ref().err()).collect();
         let kind = if failed.is_empty() {
             AckKind::Ack
@@ -201,8 +202,13 @@ impl Handler {
     ) -> Result<(), String> {
         let ctx = &self.ctx;
         let meta = BatchMeta::new(&next.queue, DELAYED_PARTITION, self.epoch);
-        let sealed = envelope::seal(&ctx.keys, &ctx.config.codec, meta, std::slice::from_ref(next))
-            .map_err(|e| format!("seal the next attempt of {}: {e}", next.id))?;
+        let sealed = envelope::seal(
+            &ctx.keys,
+            &ctx.config.codec,
+            meta,
+            std::slice::from_ref(next),
+        )
+        .map_err(|e| format!("seal the next attempt of {}: {e}", next.id))?;
         let (env, body) = sealed.into_parts();
         let mut headers = HeaderMap::new();
         for (k, v) in env.to_pairs() {
@@ -236,7 +242,11 @@ impl Handler {
         }
         self.ctx
             .js
-            .publish_with_headers(self.ctx.names.dlq_subject(&task.queue), headers, body.into())
+            .publish_with_headers(
+                self.ctx.names.dlq_subject(&task.queue),
+                headers,
+                body.into(),
+            )
             .await
             .map_err(|e| format!("dead-letter copy of {}: {e}", task.id))?
             .await
@@ -248,7 +258,9 @@ impl Handler {
 fn log_record(record: &TaskRecord) {
     let state = record.state.as_str();
     match &record.error {
-        Some(e) => info!(task_id = %record.id, attempt = record.attempt, state, error = %e.message, "outcome recorded"),
+        Some(e) => {
+            info!(task_id = %record.id, attempt = record.attempt, state, error = %e.message, "outcome recorded")
+        }
         None => debug!(task_id = %record.id, attempt = record.attempt, state, "outcome recorded"),
     }
 }
@@ -281,11 +293,7 @@ pub(crate) async fn quarantine(
     headers.insert(HDR_SUBJECT, msg.subject.as_str());
     let copied = match ctx
         .js
-        .publish_with_headers(
-            ctx.names.quarantine_subject(),
-            headers,
-            msg.payload.clone(),
-        )
+        .publish_with_headers(ctx.names.quarantine_subject(), headers, msg.payload.clone())
         .await
     {
         Ok(ack) => ack.await.map(|_| ()).map_err(|e| e.to_string()),
