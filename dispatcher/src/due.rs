@@ -48,6 +48,8 @@ pub fn decide_due(existing: Option<&TaskRecord>, task: &Task, track_queued: bool
             r.started_at = None;
             r.finished_at = None;
             r.duration_ms = None;
+            r.worker = None;
+            r.partition = None;
             r
         })
     };
@@ -216,20 +218,28 @@ impl Due {
             })?;
         let empty = async_nats::HeaderMap::new();
         let h = msg.headers.as_ref().unwrap_or(&empty);
-        let opened = EnvelopeHeaders::from_lookup(|name| h.get(name).map(|v| v.as_str())).and_then(
-            |headers| {
-                envelope::open::<Task>(
-                    &self.ctx.keys,
-                    &self.ctx.config.codec,
-                    Expected::Location {
-                        queue,
-                        partition: DELAYED_PARTITION,
-                    },
-                    &headers,
-                    &msg.payload,
-                )
-            },
-        );
+        // The server strips `Nats-Msg-Id` from a fired copy; the batch id it must equal is in
+        // `Drover-Batch` (and under the signature).
+        let lookup = |name: &'static str| {
+            let name = if name == "Nats-Msg-Id" {
+                "Drover-Batch"
+            } else {
+                name
+            };
+            h.get(name).map(|v| v.as_str())
+        };
+        let opened = EnvelopeHeaders::from_lookup(lookup).and_then(|headers| {
+            envelope::open::<Task>(
+                &self.ctx.keys,
+                &self.ctx.config.codec,
+                Expected::Location {
+                    queue,
+                    partition: DELAYED_PARTITION,
+                },
+                &headers,
+                &msg.payload,
+            )
+        });
         match opened {
             Ok(o) if o.tasks.iter().all(|t| t.queue == queue) => Ok(o.tasks),
             Ok(_) => Err(Unopenable::Bad(
