@@ -27,21 +27,21 @@ pub enum DueDecision {
     /// Do not run it: the reason, for the log.
     Skip(&'static str),
     /// Dispatch it; first write this `queued` record (best-effort), if any.
-    Dispatch(Option<TaskRecord>),
+    Dispatch(Option<Box<TaskRecord>>),
 }
 
 /// Decides a fired timer for `task` (attempt n) against its record.
 pub fn decide_due(existing: Option<&TaskRecord>, task: &Task, track_queued: bool) -> DueDecision {
     let queued = |base: Option<&TaskRecord>| {
         track_queued.then(|| {
-            let mut r = match base {
+            let mut r = Box::new(match base {
                 Some(r) => r.clone(),
                 None => {
                     let submitted = chrono::DateTime::from_timestamp_millis(task.submitted_ms)
                         .unwrap_or_else(chrono::Utc::now);
                     TaskRecord::new(task, TaskState::Queued, submitted)
                 }
-            };
+            });
             r.state = TaskState::Queued;
             r.attempt = task.attempt;
             r.next_run_at = None;

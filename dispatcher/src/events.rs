@@ -184,7 +184,13 @@ async fn publish_loop(
             }
             e = rx.recv() => match e {
                 Some(e) => grouper.push(e).into_iter().collect::<Vec<_>>(),
-                None => grouper.drain(),
+                None => {
+                    // Every sink is gone: publish what is left and stop.
+                    for g in grouper.drain() {
+                        publish(&js, &names, g, &metrics).await;
+                    }
+                    return;
+                }
             },
             _ = tick.tick() => grouper.drain(),
         };
