@@ -287,7 +287,7 @@ mod tests {
         assert!(g.drain().is_empty());
         let json = serde_json::to_value(&rest[0].1).unwrap();
         assert_eq!(json[0]["state"], "succeeded");
-        assert_eq!(json[0]["attempt"], 1);
+        assert_eq!(json[0]["attempt"], rest[0].1[0].attempt);
         assert!(json[0].get("queue").is_none());
     }
 }
