@@ -5,7 +5,9 @@
 //! unacknowledged then comes back to the next leader through the intake consumer's `ack_wait`
 //! (or at once, on a graceful hand-over, because it NAKs them).
 
+use crate::api::{HDR_RETRY, HDR_TASK_ID};
 use crate::batcher::{Batch, Batcher, BatcherConfig, Route};
+use crate::events::EventSink;
 use crate::intake::{self, IntakeLimits, Rejection, Router, Strategy};
 use crate::metrics::DispatcherMetrics;
 use async_nats::HeaderMap;
@@ -13,10 +15,11 @@ use async_nats::jetstream::{self, AckKind, consumer::PullConsumer, context::Publ
 use drover_shared::envelope::{self, BatchMeta, CodecConfig};
 use drover_shared::keyring::Keyring;
 use drover_shared::names::Names;
+use drover_shared::settings::Events;
 use drover_shared::task::{Task, TaskRecord, TaskState};
 use drover_shared::topology::{self, QueueConsumerConfig};
 use futures::StreamExt;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
@@ -51,6 +54,8 @@ pub struct LeaderConfig {
     pub track_queued: bool,
     /// Partition consumer settings for new queues.
     pub queue_consumers: QueueConsumerConfig,
+    /// Which lifecycle events are published (`dispatcher.events`).
+    pub events: Events,
 }
 
 /// What a leader needs from the process.
@@ -68,6 +73,8 @@ pub struct LeaderContext {
     pub max_payload: usize,
     /// Where the pipeline counts what it does.
     pub metrics: Arc<DispatcherMetrics>,
+    /// Where lifecycle events go.
+    pub events: EventSink,
 }
 
 /// Why leading stopped with an error.
@@ -87,6 +94,8 @@ struct Held {
     msg: jetstream::Message,
     /// Envelopes of this chunk it has tasks in must be durable before it is acked.
     ok: bool,
+    /// `Drover-Retry: <n>` of a retry published by `drover.api.retry`.
+    retry: Option<String>,
 }
 
 /// Leads in `epoch` until `cancel` fires: dispatch every intake message exactly once into
@@ -216,8 +225,9 @@ struct QueueInfo {
     partitions: u32,
 }
 
-/// The dispatch pipeline of one leadership term.
-struct Pipeline {
+/// The dispatch pipeline of one leadership term: queue preparation, routing, and sealing tasks
+/// into envelopes. The intake ([`lead`]) and the due timers ([`crate::due`]) each own one.
+pub(crate) struct Pipeline {
     ctx: LeaderContext,
     epoch: u64,
     router: Router,
@@ -225,15 +235,19 @@ struct Pipeline {
     records: Option<jetstream::stream::Stream>,
 }
 
-/// A task on its way into an envelope, with the intake message it came from.
-struct Routed {
-    task: Task,
-    from: usize,
-    partition: u32,
+/// A task on its way into an envelope, with the index of the message it came from.
+pub(crate) struct Routed {
+    /// The task, as it will travel.
+    pub task: Task,
+    /// Index of the source message in the caller's list.
+    pub from: usize,
+    /// Its partition.
+    pub partition: u32,
 }
 
 impl Pipeline {
-    fn new(ctx: LeaderContext, epoch: u64) -> Self {
+    /// A pipeline for leadership term `epoch`.
+    pub(crate) fn new(ctx: LeaderContext, epoch: u64) -> Self {
         Self {
             ctx,
             epoch,
@@ -257,24 +271,42 @@ impl Pipeline {
         for msg in chunk {
             let i = held.len();
             let seq = msg.info().map_or(0, |info| info.stream_sequence);
-            let msg_id = msg
-                .headers
-                .as_ref()
-                .and_then(|h| h.get("Nats-Msg-Id"))
-                .map(|v| v.as_str().to_owned());
-            match intake::prepare(
+            let header = |name: &str| {
+                msg.headers
+                    .as_ref()
+                    .and_then(|h| h.get(name))
+                    .map(|v| v.as_str().to_owned())
+            };
+            let msg_id = header("Nats-Msg-Id");
+            // A retry (`drover.api.retry`) names its task in `Drover-Task-Id` (a generated `_…`
+            // id cannot be in the body, and its `Nats-Msg-Id` is not an id base).
+            let retry = header(HDR_RETRY).zip(header(HDR_TASK_ID));
+            let prepared = intake::prepare(
                 &self.ctx.names,
                 msg.subject.as_str(),
                 &msg.payload,
-                msg_id.as_deref(),
+                if retry.is_some() {
+                    None
+                } else {
+                    msg_id.as_deref()
+                },
                 seq,
                 now_ms,
                 limits,
-            ) {
-                Ok(a) => accepted.push((i, a)),
-                Err(r) => rejected.push((i, r)),
+            );
+            match (prepared, &retry) {
+                (Ok(mut a), Some((_, id))) if a.tasks.len() == 1 => {
+                    a.tasks[0].id.clone_from(id);
+                    accepted.push((i, a));
+                }
+                (Ok(a), _) => accepted.push((i, a)),
+                (Err(r), _) => rejected.push((i, r)),
             }
-            held.push(Held { msg, ok: true });
+            held.push(Held {
+                msg,
+                ok: true,
+                retry: retry.map(|(n, _)| n),
+            });
         }
 
         // Rejected submissions: a record with the original bytes and the reason, then ack.
@@ -327,43 +359,8 @@ impl Pipeline {
         }
 
         // Batch per partition, seal, publish pipelined.
-        let mut batcher: Batcher<Routed> = Batcher::new(self.ctx.config.batcher);
-        let mut batches = Vec::new();
-        for r in routed {
-            let route = Route {
-                queue: r.task.queue.clone(),
-                partition: r.partition,
-            };
-            let size = r.task.payload.get().len() + 160;
-            batches.extend(batcher.push(route, r, size, std::time::Instant::now()));
-        }
-        batches.extend(batcher.flush_all());
-        let mut pending: Vec<(Vec<usize>, PublishAckFuture)> = Vec::new();
-        for batch in batches {
-            let from: Vec<usize> = batch.items.iter().map(|r| r.from).collect();
-            match self.publish_envelope(batch).await {
-                Ok(ack) => pending.push((from, ack)),
-                Err(e) => {
-                    warn!(error = %e, "cannot publish an envelope; its submissions will be retried");
-                    for i in from {
-                        held[i].ok = false;
-                    }
-                }
-            }
-        }
-        for (from, ack) in pending {
-            match ack.await {
-                Ok(_) => {
-                    self.ctx.metrics.envelopes.inc();
-                    self.ctx.metrics.tasks_dispatched.inc_by(from.len() as u64);
-                }
-                Err(e) => {
-                    warn!(error = %e, "envelope not stored; its submissions will be retried");
-                    for i in from {
-                        held[i].ok = false;
-                    }
-                }
-            }
+        for i in self.send(routed).await {
+            held[i].ok = false;
         }
         for (i, ack) in rejects {
             if ack.await.is_err() {
@@ -384,6 +381,61 @@ impl Pipeline {
                 debug!(error = %e, "intake ack");
             }
         }
+    }
+
+    /// Seals `routed` into envelopes per (queue, partition), publishes them pipelined and waits
+    /// for their PubAcks. Returns the `from` indexes some of whose tasks are not durably in
+    /// `DROVER_WORK` (their source message must come back).
+    pub(crate) async fn send(&mut self, routed: Vec<Routed>) -> HashSet<usize> {
+        let mut failed = HashSet::new();
+        let mut batcher: Batcher<Routed> = Batcher::new(self.ctx.config.batcher);
+        let mut batches = Vec::new();
+        for r in routed {
+            let route = Route {
+                queue: r.task.queue.clone(),
+                partition: r.partition,
+            };
+            let size = r.task.payload.get().len() + 160;
+            batches.extend(batcher.push(route, r, size, std::time::Instant::now()));
+        }
+        batches.extend(batcher.flush_all());
+        let mut pending: Vec<(Vec<usize>, PublishAckFuture)> = Vec::new();
+        for batch in batches {
+            let from: Vec<usize> = batch.items.iter().map(|r| r.from).collect();
+            match self.publish_envelope(batch).await {
+                Ok(ack) => pending.push((from, ack)),
+                Err(e) => {
+                    warn!(error = %e, "cannot publish an envelope; its tasks will be retried");
+                    failed.extend(from);
+                }
+            }
+        }
+        for (from, ack) in pending {
+            match ack.await {
+                Ok(_) => {
+                    self.ctx.metrics.envelopes.inc();
+                    self.ctx.metrics.tasks_dispatched.inc_by(from.len() as u64);
+                }
+                Err(e) => {
+                    warn!(error = %e, "envelope not stored; its tasks will be retried");
+                    failed.extend(from);
+                }
+            }
+        }
+        failed
+    }
+
+    /// The partition of `task` (key → FNV, keyless by the queue's strategy, one turn per call),
+    /// preparing its queue on first sight.
+    pub(crate) async fn route(&mut self, task: &Task) -> Result<u32, LeaderError> {
+        let partitions = self.queue(&task.queue).await?;
+        let turn = self.router.keyless(
+            &task.queue,
+            partitions,
+            self.ctx.config.strategy,
+            rand::random(),
+        );
+        Ok(Router::partition(task.key.as_deref(), partitions, turn))
     }
 
     /// Partitions of `queue`, creating its state record and consumers on first sight.
@@ -488,7 +540,8 @@ impl Pipeline {
                     if e.kind()
                         == async_nats::jetstream::context::PublishErrorKind::WrongLastSequence =>
                 {
-                    if self.is_own_record(&r.task.id, seq).await {
+                    let retry = held[r.from].retry.clone();
+                    if self.is_own_record(&r.task.id, seq, retry.as_deref()).await {
                         keep.push(r);
                     } else {
                         self.ctx.metrics.duplicates.inc();
@@ -503,8 +556,10 @@ impl Pipeline {
         }
     }
 
-    /// `true` if the record of `id` is still `queued` and was written for intake sequence `seq`.
-    async fn is_own_record(&mut self, id: &str, seq: u64) -> bool {
+    /// `true` if the record of `id` is still `queued` and was written for intake sequence `seq`
+    /// — or, for a retry (`retry` = its `Drover-Retry`), reset by `drover.api.retry` with that
+    /// same retry number.
+    async fn is_own_record(&mut self, id: &str, seq: u64, retry: Option<&str>) -> bool {
         let bucket = self.ctx.names.bucket("tasks");
         if self.records.is_none() {
             self.records = self.ctx.js.get_stream(format!("KV_{bucket}")).await.ok();
@@ -517,10 +572,13 @@ impl Pipeline {
             .await
         {
             Ok(m) => {
-                let own = m
-                    .headers
-                    .get(HDR_INTAKE_SEQ)
-                    .is_some_and(|v| v.as_str() == seq.to_string());
+                let own = match retry {
+                    Some(n) => m.headers.get(HDR_RETRY).is_some_and(|v| v.as_str() == n),
+                    None => m
+                        .headers
+                        .get(HDR_INTAKE_SEQ)
+                        .is_some_and(|v| v.as_str() == seq.to_string()),
+                };
                 let queued = serde_json::from_slice::<TaskRecord>(&m.payload)
                     .is_ok_and(|r| r.state == TaskState::Queued);
                 own && queued

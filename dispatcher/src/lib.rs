@@ -13,12 +13,19 @@
 //! | [`batcher`] | when a partition's pending tasks leave as one envelope |
 //! | [`intake`] | which queue a submission is for, whether it is valid, task ids, partitions |
 //! | [`api`] | how each request of the API (§1.3) is answered, on every replica: submit, status, cancel, retry |
+//! | [`outcomes`] | what each worker outcome does: retry timer, dead-letter copy, record, event (via `drover_shared::outcome::decide`) |
+//! | [`due`] | whether a fired retry timer's task runs again |
+//! | [`events`] | which lifecycle events are published, grouped per queue and state |
 
 pub mod api;
 pub mod assign;
 pub mod batcher;
+pub mod due;
 pub mod election;
+pub mod events;
 pub mod intake;
 pub mod leader;
 pub mod metrics;
+pub mod outcomes;
+pub mod records;
 pub mod run;

@@ -56,6 +56,57 @@ pub const INTAKE_RETRIES: MetricDef = MetricDef::new(
     "Intake messages NAKed because a downstream write failed",
 );
 
+/// Outcomes handled, by status.
+pub const OUTCOMES: MetricDef = MetricDef::new(
+    "drover_outcomes",
+    "Task outcomes handled by the leader, by status (succeeded, failed, cancelled)",
+);
+/// Retries scheduled through `DROVER_DELAYED`.
+pub const RETRIES_SCHEDULED: MetricDef = MetricDef::new(
+    "drover_retries_scheduled",
+    "Failed attempts given another attempt through a DROVER_DELAYED timer",
+);
+/// Tasks that failed for good and were copied to the dead-letter subject.
+pub const DEAD_LETTERED: MetricDef = MetricDef::new(
+    "drover_dead_lettered",
+    "Tasks that failed for good and were copied to <prefix>.dlq.<queue>",
+);
+/// Outcomes whose attempt was already recorded.
+pub const OUTCOME_DUPLICATES: MetricDef = MetricDef::new(
+    "drover_outcome_duplicates",
+    "Outcomes ignored because their attempt was already recorded (redelivery, or the task was terminal)",
+);
+/// Compare-and-set conflicts on task records.
+pub const CAS_CONFLICTS: MetricDef = MetricDef::new(
+    "drover_record_cas_conflicts",
+    "Task record writes by the leader that lost a compare-and-set and were decided again",
+);
+/// Messages quarantined by the leader, by reason.
+pub const QUARANTINED: MetricDef = MetricDef::new(
+    "drover_quarantined",
+    "Outcome and timer messages the leader terminated and copied to <prefix>.quarantine, by reason",
+);
+/// Due timers that dispatched a next attempt.
+pub const DUE_DISPATCHED: MetricDef = MetricDef::new(
+    "drover_due_dispatched",
+    "Fired DROVER_DELAYED timers whose task was dispatched again",
+);
+/// Due timers dropped because the task was already terminal.
+pub const DUE_SKIPPED: MetricDef = MetricDef::new(
+    "drover_due_skipped",
+    "Fired DROVER_DELAYED timers dropped because their task was terminal (e.g. cancelled)",
+);
+/// Lifecycle events published.
+pub const EVENTS: MetricDef = MetricDef::new(
+    "drover_events",
+    "Lifecycle events published to DROVER_EVENTS",
+);
+/// Lifecycle events dropped.
+pub const EVENTS_DROPPED: MetricDef = MetricDef::new(
+    "drover_events_dropped",
+    "Lifecycle events dropped because the publisher was behind or NATS refused them",
+);
+
 /// Labels of a per-code or per-reason counter.
 pub type ReasonLabel = [(&'static str, &'static str); 1];
 
@@ -86,6 +137,26 @@ pub struct DispatcherMetrics {
     pub duplicates: Counter,
     /// [`INTAKE_RETRIES`].
     pub intake_retries: Counter,
+    /// [`OUTCOMES`], labelled `status`.
+    pub outcomes: Family<ReasonLabel, Counter>,
+    /// [`RETRIES_SCHEDULED`].
+    pub retries_scheduled: Counter,
+    /// [`DEAD_LETTERED`].
+    pub dead_lettered: Counter,
+    /// [`OUTCOME_DUPLICATES`].
+    pub outcome_duplicates: Counter,
+    /// [`CAS_CONFLICTS`].
+    pub cas_conflicts: Counter,
+    /// [`QUARANTINED`], labelled `reason`.
+    pub quarantined: Family<ReasonLabel, Counter>,
+    /// [`DUE_DISPATCHED`].
+    pub due_dispatched: Counter,
+    /// [`DUE_SKIPPED`].
+    pub due_skipped: Counter,
+    /// [`EVENTS`].
+    pub events: Counter,
+    /// [`EVENTS_DROPPED`].
+    pub events_dropped: Counter,
 }
 
 impl DispatcherMetrics {
@@ -106,6 +177,16 @@ impl DispatcherMetrics {
             rejected: m.family(&REJECTED),
             duplicates: m.counter(&DUPLICATES),
             intake_retries: m.counter(&INTAKE_RETRIES),
+            outcomes: m.family(&OUTCOMES),
+            retries_scheduled: m.counter(&RETRIES_SCHEDULED),
+            dead_lettered: m.counter(&DEAD_LETTERED),
+            outcome_duplicates: m.counter(&OUTCOME_DUPLICATES),
+            cas_conflicts: m.counter(&CAS_CONFLICTS),
+            quarantined: m.family(&QUARANTINED),
+            due_dispatched: m.counter(&DUE_DISPATCHED),
+            due_skipped: m.counter(&DUE_SKIPPED),
+            events: m.counter(&EVENTS),
+            events_dropped: m.counter(&EVENTS_DROPPED),
         }
     }
 

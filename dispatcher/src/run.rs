@@ -7,9 +7,11 @@
 use crate::assign::{self, AssignConfig, AssignContext};
 use crate::batcher::BatcherConfig;
 use crate::election::{Action, Election, Event, LeaseConfig, StepDown};
+use crate::events::EventSink;
 use crate::intake::Strategy;
 use crate::leader::{self, LeaderConfig, LeaderContext};
 use crate::metrics::DispatcherMetrics;
+use crate::{due, outcomes};
 use async_nats::jetstream::{self, kv};
 use drover_shared::config::ConnectArgs;
 use drover_shared::keyring::Keyring;
@@ -107,6 +109,7 @@ impl Replica {
                     max_in_flight: i64::from(defaults.max_in_flight),
                     ack_wait: settings.topology.worker_ttl(),
                 },
+                events: d.events,
             },
             keys: Arc::new(keys),
             metrics_addr: settings.metrics.addr.clone(),
@@ -184,6 +187,13 @@ pub async fn run(settings: Replica, shutdown: CancellationToken) -> anyhow::Resu
         config: Arc::new(settings.leader.clone()),
         max_payload: client.server_info().max_payload,
         metrics: metrics.clone(),
+        events: EventSink::spawn(
+            js.clone(),
+            names.clone(),
+            settings.leader.events,
+            metrics.clone(),
+            shutdown.clone(),
+        ),
     };
     campaign(&settings, &election_kv, ctx, shutdown).await;
     // It answers what it already received, for up to api::DRAIN_DEADLINE.
@@ -308,10 +318,29 @@ async fn campaign(
                                 }
                             }
                         });
+                        // Outcomes and fired timers run beside the intake, for the same term.
+                        let outcomes = tokio::spawn({
+                            let (ctx, t) = (ctx.clone(), t.clone());
+                            async move {
+                                if let Err(err) = outcomes::consume(ctx, e, t).await {
+                                    error!(error = %err, "handling outcomes failed");
+                                }
+                            }
+                        });
+                        let due = tokio::spawn({
+                            let (ctx, t) = (ctx.clone(), t.clone());
+                            async move {
+                                if let Err(err) = due::consume(ctx, e, t).await {
+                                    error!(error = %err, "dispatching due timers failed");
+                                }
+                            }
+                        });
                         if let Err(err) = leader::lead(ctx, e, t).await {
                             error!(error = %err, "leading failed");
                         }
                         let _ = assigning.await;
+                        let _ = outcomes.await;
+                        let _ = due.await;
                     });
                     leading = Some((token, handle));
                 }

@@ -8,15 +8,10 @@
 //! `Drover-Retry: <n>`, `Drover-Task-Id: <id>` and `Nats-Msg-Id: <id>-retry-<n>`, so the intake
 //! always finds the reset record first and can recognise it as this retry's own.
 //!
-//! Pending outside this module, without which a retry does not run yet:
-//! * the dead-letter writer (outcomes work): on `failed`, publish the task as it travelled (the
-//!   `Task` JSON; a task object as submitted is accepted too) to `<prefix>.dlq.<queue>` with
-//!   header `Drover-Task-Id: <id>`;
-//! * the intake, for a message with `Drover-Retry: n`: take the id from `Drover-Task-Id` (a
-//!   generated `_…` id cannot be in the body and `<id>-retry-<n>` is not an id base), and when
-//!   the record create finds a record, treat it as its own if it is `queued` and its last
-//!   message carries `Drover-Retry: n` (today only `Drover-Intake-Seq` is accepted, so the
-//!   retry is dropped as a duplicate and the record stays `queued`).
+//! The other halves live in the leader: `crate::outcomes` writes the dead-letter copy (the `Task`
+//! JSON with header `Drover-Task-Id`) when a task fails for good, and the intake
+//! (`crate::leader`) takes the id of a `Drover-Retry: n` message from `Drover-Task-Id` and treats
+//! an existing record as its own when it is `queued` and tagged with that same `Drover-Retry`.
 
 use super::request::{self, CancelReply, RetryReply, StatusReply};
 use super::{Api, CAS_ATTEMPTS, DLQ_SCAN_DEADLINE, HDR_RETRY, HDR_TASK_ID, to_reply, unavailable};

@@ -1,0 +1,373 @@
+//! Fired timers (SPEC §2 `DROVER_DELAYED`, §7): the leader consumes `<prefix>.due.>`, opens each
+//! sealed task (see [`crate::outcomes`] for the sealing convention), writes a best-effort
+//! `queued` record for the attempt, and dispatches it through the same routing, batching and
+//! sealing as the intake ([`crate::leader::Pipeline`]). A timer is acked only after the PubAcks
+//! of its envelopes; a timer whose task is terminal meanwhile (e.g. cancelled while retrying) is
+//! dropped with an ack.
+
+use crate::leader::{LeaderContext, LeaderError, Pipeline, Routed};
+use crate::outcomes::{DELAYED_PARTITION, quarantine};
+use crate::records::{CAS_ATTEMPTS, Records, WriteError};
+use async_nats::jetstream::{self, AckKind, consumer::PullConsumer};
+use drover_shared::envelope::{self, EnvelopeHeaders, Expected};
+use drover_shared::task::{Task, TaskRecord, TaskState};
+use futures::StreamExt;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+/// Timers handled as one chunk.
+const MAX_CHUNK: usize = 256;
+/// How long an unopenable timer with an unknown key id waits before it is tried again.
+const UNKNOWN_KID_DELAY: Duration = Duration::from_secs(5);
+
+/// What to do with a fired timer's task, given its current record.
+#[derive(Debug, Clone)]
+pub enum DueDecision {
+    /// Do not run it: the reason, for the log.
+    Skip(&'static str),
+    /// Dispatch it; first write this `queued` record (best-effort), if any.
+    Dispatch(Option<Box<TaskRecord>>),
+}
+
+/// Decides a fired timer for `task` (attempt n) against its record.
+pub fn decide_due(existing: Option<&TaskRecord>, task: &Task, track_queued: bool) -> DueDecision {
+    let queued = |base: Option<&TaskRecord>| {
+        track_queued.then(|| {
+            let mut r = Box::new(match base {
+                Some(r) => r.clone(),
+                None => {
+                    let submitted = chrono::DateTime::from_timestamp_millis(task.submitted_ms)
+                        .unwrap_or_else(chrono::Utc::now);
+                    TaskRecord::new(task, TaskState::Queued, submitted)
+                }
+            });
+            r.state = TaskState::Queued;
+            r.attempt = task.attempt;
+            r.next_run_at = None;
+            r.started_at = None;
+            r.finished_at = None;
+            r.duration_ms = None;
+            r.worker = None;
+            r.partition = None;
+            r
+        })
+    };
+    let Some(record) = existing else {
+        return DueDecision::Dispatch(queued(None));
+    };
+    if record.state.is_terminal() {
+        return DueDecision::Skip("terminal");
+    }
+    if record.attempt > task.attempt {
+        return DueDecision::Skip("superseded");
+    }
+    if record.attempt == task.attempt {
+        return match record.state {
+            // Dispatched before, its timer not acked (a crash in between): dispatch again.
+            TaskState::Queued | TaskState::Scheduled => DueDecision::Dispatch(None),
+            // Already started or already failed again: this timer is stale.
+            _ => DueDecision::Skip("started"),
+        };
+    }
+    DueDecision::Dispatch(queued(Some(record)))
+}
+
+/// Consumes fired timers while leading in `epoch`, until `cancel` fires.
+pub async fn consume(
+    ctx: LeaderContext,
+    epoch: u64,
+    cancel: CancellationToken,
+) -> Result<(), LeaderError> {
+    let names = &ctx.names;
+    let nats = |what: &'static str| {
+        move |e: &dyn std::fmt::Display| LeaderError::Nats(what, e.to_string())
+    };
+    let consumer: PullConsumer = ctx
+        .js
+        .get_stream(names.delayed_stream())
+        .await
+        .map_err(|e| nats("open delayed stream")(&e))?
+        .get_consumer(&names.due_consumer())
+        .await
+        .map_err(|e| nats("open due consumer")(&e))?;
+    let records = Records::open(&ctx.js, names)
+        .await
+        .map_err(|e| nats("open task records")(&e))?;
+    let mut messages = consumer
+        .stream()
+        .max_messages_per_batch(MAX_CHUNK)
+        .expires(Duration::from_secs(1))
+        .heartbeat(Duration::from_millis(500))
+        .messages()
+        .await
+        .map_err(|e| nats("pull due timers")(&e))?;
+    info!(epoch, "leading: dispatching due timers");
+    let mut due = Due {
+        pipeline: Pipeline::new(ctx.clone(), epoch),
+        ctx,
+        records,
+    };
+    loop {
+        let first = tokio::select! {
+            biased;
+            _ = cancel.cancelled() => break,
+            m = messages.next() => m,
+        };
+        let Some(first) = first else { break };
+        let mut chunk = Vec::new();
+        match first {
+            Ok(m) => chunk.push(m),
+            Err(e) => {
+                debug!(error = %e, "due pull");
+                continue;
+            }
+        }
+        while chunk.len() < MAX_CHUNK {
+            match futures::FutureExt::now_or_never(messages.next()) {
+                Some(Some(Ok(m))) => chunk.push(m),
+                Some(Some(Err(_))) => continue,
+                _ => break,
+            }
+        }
+        due.chunk(chunk, &cancel).await;
+    }
+    Ok(())
+}
+
+struct Due {
+    ctx: LeaderContext,
+    pipeline: Pipeline,
+    records: Records,
+}
+
+impl Due {
+    async fn chunk(&mut self, chunk: Vec<jetstream::Message>, cancel: &CancellationToken) {
+        let mut ok = vec![true; chunk.len()];
+        let mut keep = vec![true; chunk.len()];
+        let mut routed = Vec::new();
+        for (i, msg) in chunk.iter().enumerate() {
+            let tasks = match self.open(msg) {
+                Ok(t) => t,
+                Err(Unopenable::UnknownKid) => {
+                    keep[i] = false;
+                    let _ = msg.ack_with(AckKind::Nak(Some(UNKNOWN_KID_DELAY))).await;
+                    continue;
+                }
+                Err(Unopenable::Bad(reason, detail)) => {
+                    keep[i] = false;
+                    warn!(subject = %msg.subject, reason, "unopenable timer; quarantined");
+                    quarantine(&self.ctx, msg, reason, &detail).await;
+                    continue;
+                }
+            };
+            for task in tasks {
+                match self.prepare(&task).await {
+                    Ok(true) => match self.pipeline.route(&task).await {
+                        Ok(partition) => routed.push(Routed {
+                            task,
+                            from: i,
+                            partition,
+                        }),
+                        Err(e) => {
+                            warn!(task_id = %task.id, error = %e, "cannot route a due task; it comes back");
+                            ok[i] = false;
+                        }
+                    },
+                    Ok(false) => {}
+                    Err(e) => {
+                        warn!(task_id = %task.id, error = %e, "cannot read the record of a due task; it comes back");
+                        ok[i] = false;
+                    }
+                }
+            }
+        }
+        let n = routed.len() as u64;
+        let failed = self.pipeline.send(routed).await;
+        if failed.is_empty() {
+            self.ctx.metrics.due_dispatched.inc_by(n);
+        }
+        let leading = !cancel.is_cancelled();
+        for (i, msg) in chunk.into_iter().enumerate() {
+            if !keep[i] {
+                continue;
+            }
+            let kind = if ok[i] && leading && !failed.contains(&i) {
+                AckKind::Ack
+            } else {
+                AckKind::Nak(Some(Duration::from_millis(250)))
+            };
+            if let Err(e) = msg.ack_with(kind).await {
+                debug!(error = %e, "due ack");
+            }
+        }
+    }
+
+    /// The sealed tasks of a fired timer on `<prefix>.due.<queue>`.
+    fn open(&self, msg: &jetstream::Message) -> Result<Vec<Task>, Unopenable> {
+        let queue = msg
+            .subject
+            .as_str()
+            .strip_prefix(self.ctx.names.prefix())
+            .and_then(|s| s.strip_prefix(".due."))
+            .ok_or_else(|| {
+                Unopenable::Bad(
+                    "subject_mismatch",
+                    format!("{} is not a due subject", msg.subject),
+                )
+            })?;
+        let empty = async_nats::HeaderMap::new();
+        let h = msg.headers.as_ref().unwrap_or(&empty);
+        // The server strips `Nats-Msg-Id` from a fired copy; the batch id it must equal is in
+        // `Drover-Batch` (and under the signature).
+        let lookup = |name: &'static str| {
+            let name = if name == "Nats-Msg-Id" {
+                "Drover-Batch"
+            } else {
+                name
+            };
+            h.get(name).map(|v| v.as_str())
+        };
+        let opened = EnvelopeHeaders::from_lookup(lookup).and_then(|headers| {
+            envelope::open::<Task>(
+                &self.ctx.keys,
+                &self.ctx.config.codec,
+                Expected::Location {
+                    queue,
+                    partition: DELAYED_PARTITION,
+                },
+                &headers,
+                &msg.payload,
+            )
+        });
+        match opened {
+            Ok(o) if o.tasks.iter().all(|t| t.queue == queue) => Ok(o.tasks),
+            Ok(_) => Err(Unopenable::Bad(
+                "subject_mismatch",
+                format!("a sealed task is not of queue {queue}"),
+            )),
+            Err(e) if e.is_unknown_kid() => Err(Unopenable::UnknownKid),
+            Err(e) => Err(Unopenable::Bad(e.reason(), e.to_string())),
+        }
+    }
+
+    /// Reads the record and writes `queued` for this attempt; `false` if the task must not run.
+    async fn prepare(&self, task: &Task) -> Result<bool, String> {
+        let track = self.ctx.config.track_queued;
+        for _ in 0..CAS_ATTEMPTS {
+            let current = self.records.read(&task.id).await?;
+            match decide_due(current.record.as_ref(), task, track) {
+                DueDecision::Skip(why) => {
+                    self.ctx.metrics.due_skipped.inc();
+                    let state = current.record.as_ref().map_or("none", |r| r.state.as_str());
+                    info!(task_id = %task.id, attempt = task.attempt, state, why, "timer dropped: task not run again");
+                    return Ok(false);
+                }
+                DueDecision::Dispatch(None) => return Ok(true),
+                DueDecision::Dispatch(Some(record)) => {
+                    match self
+                        .records
+                        .write(&task.id, current.revision, &record)
+                        .await
+                    {
+                        Ok(_) => {
+                            self.ctx.events.emit(&record);
+                            return Ok(true);
+                        }
+                        Err(WriteError::Conflict) => {
+                            self.ctx.metrics.cas_conflicts.inc();
+                        }
+                        // Best-effort: the record write is not what makes the attempt durable.
+                        Err(WriteError::Nats(e)) => {
+                            debug!(task_id = %task.id, error = %e, "queued record not written");
+                            return Ok(true);
+                        }
+                    }
+                }
+            }
+        }
+        Ok(true)
+    }
+}
+
+enum Unopenable {
+    UnknownKid,
+    Bad(&'static str, String),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::value::RawValue;
+
+    fn task(attempt: u32) -> Task {
+        Task {
+            id: "t".into(),
+            queue: "q".into(),
+            task_type: "x".into(),
+            payload: RawValue::from_string("1".into()).unwrap(),
+            attempt,
+            max_attempts: 3,
+            timeout_ms: 1,
+            key: None,
+            backoff: None,
+            shard: None,
+            parent: None,
+            submitted_ms: 0,
+            meta: Default::default(),
+        }
+    }
+
+    fn record(state: TaskState, attempt: u32) -> TaskRecord {
+        let mut r = TaskRecord::new(&task(attempt), state, chrono::Utc::now());
+        r.attempt = attempt;
+        r.next_run_at = Some(chrono::Utc::now());
+        r
+    }
+
+    #[test]
+    fn retrying_record_becomes_queued_for_the_next_attempt() {
+        match decide_due(Some(&record(TaskState::Retrying, 1)), &task(2), true) {
+            DueDecision::Dispatch(Some(r)) => {
+                assert_eq!(r.state, TaskState::Queued);
+                assert_eq!(r.attempt, 2);
+                assert!(r.next_run_at.is_none());
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(
+            decide_due(Some(&record(TaskState::Retrying, 1)), &task(2), false),
+            DueDecision::Dispatch(None)
+        ));
+        assert!(matches!(
+            decide_due(None, &task(2), true),
+            DueDecision::Dispatch(Some(_))
+        ));
+    }
+
+    #[test]
+    fn terminal_started_and_superseded_tasks_are_not_run() {
+        for s in [
+            TaskState::Cancelled,
+            TaskState::Succeeded,
+            TaskState::Failed,
+        ] {
+            assert!(matches!(
+                decide_due(Some(&record(s, 1)), &task(2), true),
+                DueDecision::Skip("terminal")
+            ));
+        }
+        assert!(matches!(
+            decide_due(Some(&record(TaskState::Running, 2)), &task(2), true),
+            DueDecision::Skip("started")
+        ));
+        assert!(matches!(
+            decide_due(Some(&record(TaskState::Queued, 3)), &task(2), true),
+            DueDecision::Skip("superseded")
+        ));
+        assert!(matches!(
+            decide_due(Some(&record(TaskState::Queued, 2)), &task(2), true),
+            DueDecision::Dispatch(None)
+        ));
+    }
+}

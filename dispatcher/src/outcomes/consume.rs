@@ -1,0 +1,312 @@
+//! The async shell of outcome handling: pull `DROVER_OUTCOMES`, handle several messages at once
+//! and the outcomes of each concurrently, ack each message after all its writes.
+
+use super::{DELAYED_PARTITION, HDR_ERROR, HDR_REASON, HDR_SUBJECT};
+use crate::leader::{LeaderContext, LeaderError};
+use crate::records::{CAS_ATTEMPTS, Records, WriteError};
+use async_nats::HeaderMap;
+use async_nats::jetstream::{self, AckKind, consumer::PullConsumer};
+use drover_shared::envelope::{self, BatchMeta};
+use drover_shared::outcome::{Outcome, OutcomeDecision, OutcomeMessage, OutcomeStatus, decide};
+use drover_shared::task::{Task, TaskRecord};
+use futures::StreamExt;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+/// Outcome messages handled at once.
+const MESSAGES_IN_FLIGHT: usize = 32;
+/// Outcomes handled at once, over all messages in hand.
+const OUTCOMES_IN_FLIGHT: usize = 256;
+/// How long a message whose writes failed waits before it comes back.
+const RETRY_DELAY: Duration = Duration::from_secs(1);
+
+/// Consumes outcomes while leading in `epoch`, until `cancel` fires; messages in hand are
+/// finished (or left to redelivery) before it returns.
+pub async fn consume(
+    ctx: LeaderContext,
+    epoch: u64,
+    cancel: CancellationToken,
+) -> Result<(), LeaderError> {
+    let names = &ctx.names;
+    let nats = |what: &'static str| {
+        move |e: &dyn std::fmt::Display| LeaderError::Nats(what, e.to_string())
+    };
+    let consumer: PullConsumer = ctx
+        .js
+        .get_stream(names.outcomes_stream())
+        .await
+        .map_err(|e| nats("open outcomes stream")(&e))?
+        .get_consumer(&names.outcomes_consumer())
+        .await
+        .map_err(|e| nats("open outcomes consumer")(&e))?;
+    let records = Records::open(&ctx.js, names)
+        .await
+        .map_err(|e| nats("open task records")(&e))?;
+    let messages = consumer
+        .stream()
+        .max_messages_per_batch(MESSAGES_IN_FLIGHT)
+        .expires(Duration::from_secs(1))
+        .heartbeat(Duration::from_millis(500))
+        .messages()
+        .await
+        .map_err(|e| nats("pull outcomes")(&e))?;
+    info!(epoch, "leading: handling outcomes");
+    let handler = Arc::new(Handler {
+        ctx: ctx.clone(),
+        epoch,
+        records,
+        slots: tokio::sync::Semaphore::new(OUTCOMES_IN_FLIGHT),
+    });
+    messages
+        .take_until(cancel.cancelled_owned())
+        .for_each_concurrent(MESSAGES_IN_FLIGHT, |m| {
+            let handler = handler.clone();
+            async move {
+                match m {
+                    Ok(m) => handler.message(m).await,
+                    Err(e) => debug!(error = %e, "outcomes pull"),
+                }
+            }
+        })
+        .await;
+    Ok(())
+}
+
+/// What one outcome came to.
+enum Done {
+    Handled,
+    Duplicate,
+}
+
+struct Handler {
+    ctx: LeaderContext,
+    epoch: u64,
+    records: Records,
+    /// Outcomes handled at once, over all messages.
+    slots: tokio::sync::Semaphore,
+}
+
+impl Handler {
+    async fn message(&self, msg: jetstream::Message) {
+        let decoded = match OutcomeMessage::decode(&msg.payload) {
+            Ok(d) => d,
+            Err(e) => {
+                warn!(subject = %msg.subject, error = %e, "undecodable outcome message; quarantined");
+                quarantine(&self.ctx, &msg, "invalid_outcome", &e.to_string()).await;
+                return;
+            }
+        };
+        let results: Vec<Result<(), String>> =
+            futures::future::join_all(decoded.outcomes.iter().map(|o| self.bounded(&decoded, o)))
+                .await;
+        let failed: Vec<&String> = results.iter().filter_map(|r| r.as_ref().err()).collect();
+        let kind = if failed.is_empty() {
+            AckKind::Ack
+        } else {
+            warn!(batch = %decoded.batch, failed = failed.len(), first = %failed[0], "outcomes not recorded; the message comes back");
+            AckKind::Nak(Some(RETRY_DELAY))
+        };
+        if let Err(e) = msg.ack_with(kind).await {
+            debug!(error = %e, "outcome ack");
+        }
+    }
+
+    /// [`Handler::outcome`] once a slot is free.
+    async fn bounded(&self, msg: &OutcomeMessage, outcome: &Outcome) -> Result<(), String> {
+        let _slot = self
+            .slots
+            .acquire()
+            .await
+            .map_err(|_| "shutting down".to_owned())?;
+        self.outcome(msg, outcome).await
+    }
+
+    /// Carries out one outcome: decide against the current record, timer/DLQ, record.
+    async fn outcome(&self, msg: &OutcomeMessage, outcome: &Outcome) -> Result<(), String> {
+        let m = &self.ctx.metrics;
+        let id = &outcome.task.id;
+        for _ in 0..CAS_ATTEMPTS {
+            let current = self.records.read(id).await?;
+            let now_ms = chrono::Utc::now().timestamp_millis();
+            let sample = rand::random::<f64>() * 2.0 - 1.0;
+            let decision = decide(
+                current.record.as_ref(),
+                outcome,
+                &msg.worker,
+                msg.partition,
+                sample,
+                now_ms,
+            );
+            let (record, dead) = match decision {
+                OutcomeDecision::Duplicate => {
+                    m.outcome_duplicates.inc();
+                    debug!(task_id = %id, attempt = outcome.task.attempt, "outcome already recorded");
+                    return self.done(outcome, Done::Duplicate);
+                }
+                OutcomeDecision::Retry { record, next, .. } => {
+                    let fire_at = record.next_run_at.unwrap_or_else(chrono::Utc::now);
+                    self.schedule(&next, outcome.started_ms, fire_at).await?;
+                    (record, false)
+                }
+                OutcomeDecision::Finish { record, dead } => {
+                    if dead {
+                        self.dead_letter(outcome).await?;
+                    }
+                    (record, dead)
+                }
+            };
+            match self.records.write(id, current.revision, &record).await {
+                Ok(_) => {
+                    if dead {
+                        m.dead_lettered.inc();
+                    }
+                    if record.next_run_at.is_some() {
+                        m.retries_scheduled.inc();
+                    }
+                    log_record(&record);
+                    self.ctx.events.emit(&record);
+                    return self.done(outcome, Done::Handled);
+                }
+                Err(WriteError::Conflict) => {
+                    m.cas_conflicts.inc();
+                    debug!(task_id = %id, "record changed while handling its outcome; deciding again");
+                }
+                Err(WriteError::Nats(e)) => return Err(e),
+            }
+        }
+        Err(format!("the record of {id} kept changing"))
+    }
+
+    fn done(&self, outcome: &Outcome, _: Done) -> Result<(), String> {
+        let status = match outcome.status {
+            OutcomeStatus::Succeeded => "succeeded",
+            OutcomeStatus::Failed => "failed",
+            OutcomeStatus::Cancelled => "cancelled",
+        };
+        self.ctx
+            .metrics
+            .outcomes
+            .get_or_create(&[("status", status)])
+            .inc();
+        Ok(())
+    }
+
+    /// Puts attempt `next` on a one-shot `DROVER_DELAYED` schedule firing at `fire_at`.
+    async fn schedule(
+        &self,
+        next: &Task,
+        failed_started_ms: i64,
+        fire_at: chrono::DateTime<chrono::Utc>,
+    ) -> Result<(), String> {
+        let ctx = &self.ctx;
+        let meta = BatchMeta::new(&next.queue, DELAYED_PARTITION, self.epoch);
+        let sealed = envelope::seal(
+            &ctx.keys,
+            &ctx.config.codec,
+            meta,
+            std::slice::from_ref(next),
+        )
+        .map_err(|e| format!("seal the next attempt of {}: {e}", next.id))?;
+        let (env, body) = sealed.into_parts();
+        let mut headers = HeaderMap::new();
+        for (k, v) in env.to_pairs() {
+            if k != "Nats-Msg-Id" {
+                headers.insert(k, v);
+            }
+        }
+        for (k, v) in super::schedule_headers(&ctx.names, next, failed_started_ms, fire_at) {
+            headers.insert(k, v);
+        }
+        ctx.js
+            .publish_with_headers(
+                ctx.names.delayed_subject(&next.queue, &next.id),
+                headers,
+                body.into(),
+            )
+            .await
+            .map_err(|e| format!("schedule retry of {}: {e}", next.id))?
+            .await
+            .map_err(|e| format!("retry timer of {} not stored: {e}", next.id))?;
+        Ok(())
+    }
+
+    /// Copies the task as it travelled (with its payload) to `<prefix>.dlq.<queue>`.
+    async fn dead_letter(&self, outcome: &Outcome) -> Result<(), String> {
+        let task = &outcome.task;
+        let body = serde_json::to_vec(task).map_err(|e| e.to_string())?;
+        let mut headers = HeaderMap::new();
+        for (k, v) in super::dead_letter_headers(outcome) {
+            headers.insert(k, v);
+        }
+        self.ctx
+            .js
+            .publish_with_headers(
+                self.ctx.names.dlq_subject(&task.queue),
+                headers,
+                body.into(),
+            )
+            .await
+            .map_err(|e| format!("dead-letter copy of {}: {e}", task.id))?
+            .await
+            .map_err(|e| format!("dead-letter copy of {} not stored: {e}", task.id))?;
+        Ok(())
+    }
+}
+
+fn log_record(record: &TaskRecord) {
+    let state = record.state.as_str();
+    match &record.error {
+        Some(e) => {
+            info!(task_id = %record.id, attempt = record.attempt, state, error = %e.message, "outcome recorded")
+        }
+        None => debug!(task_id = %record.id, attempt = record.attempt, state, "outcome recorded"),
+    }
+}
+
+/// Copies `msg` to `<prefix>.quarantine` with `reason`, then terminates it (after the copy's
+/// PubAck; if the copy fails, the message is NAKed and comes back).
+pub(crate) async fn quarantine(
+    ctx: &LeaderContext,
+    msg: &jetstream::Message,
+    reason: &'static str,
+    detail: &str,
+) {
+    ctx.metrics
+        .quarantined
+        .get_or_create(&[("reason", reason)])
+        .inc();
+    let mut headers = HeaderMap::new();
+    if let Some(h) = &msg.headers {
+        for (k, values) in h.iter() {
+            for v in values {
+                let name = k.to_string();
+                if !name.starts_with("Nats-") {
+                    headers.append(name.as_str(), v.as_str());
+                }
+            }
+        }
+    }
+    headers.insert(HDR_REASON, reason);
+    headers.insert(HDR_ERROR, super::header_line(detail));
+    headers.insert(HDR_SUBJECT, msg.subject.as_str());
+    let copied = match ctx
+        .js
+        .publish_with_headers(ctx.names.quarantine_subject(), headers, msg.payload.clone())
+        .await
+    {
+        Ok(ack) => ack.await.map(|_| ()).map_err(|e| e.to_string()),
+        Err(e) => Err(e.to_string()),
+    };
+    let kind = match copied {
+        Ok(()) => AckKind::Term,
+        Err(e) => {
+            warn!(error = %e, "cannot quarantine a message; it comes back");
+            AckKind::Nak(Some(RETRY_DELAY))
+        }
+    };
+    if let Err(e) = msg.ack_with(kind).await {
+        debug!(error = %e, "quarantine ack");
+    }
+}
