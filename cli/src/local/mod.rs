@@ -336,7 +336,9 @@ async fn print_endpoints(js: &async_nats::jetstream::Context, names: &Names, wor
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         let snap = status::snapshot(js, names).await;
-        if (snap.leader.is_some() && snap.workers >= workers) || Instant::now() > deadline {
+        // The epoch joins the leader value right after the winning create.
+        let led = snap.leader.as_ref().is_some_and(|(_, epoch)| *epoch > 0);
+        if (led && snap.workers >= workers) || Instant::now() > deadline {
             break;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
