@@ -24,7 +24,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 /// Most JetStream publishes the dispatcher keeps waiting for acks at once.
 pub const MAX_ACKS_IN_FLIGHT: usize = 16_384;
@@ -362,14 +362,7 @@ async fn campaign(
                         }
                     }
                 }
-                Action::Resign { revision } => {
-                    match kv.delete_expect_revision("leader", Some(revision)).await {
-                        Ok(()) => info!("handed over leadership"),
-                        Err(e) => {
-                            warn!(error = %e, "could not delete the lease; it expires on its own")
-                        }
-                    }
-                }
+                Action::Resign { revision } => resign(&kv, &settings.id, revision).await,
             }
         }
         if is_shutdown {
@@ -380,4 +373,34 @@ async fn campaign(
         token.cancel();
         let _ = handle.await;
     }
+}
+
+/// Deletes our lease so a standby takes over at once. A renewal still in flight when the
+/// shutdown came may have moved the revision on: if the key still holds our value, delete at its
+/// current revision (a compare-and-set still, so a successor's lease is never removed).
+async fn resign(kv: &kv::Store, id: &str, mut revision: u64) {
+    for _ in 0..3 {
+        match kv.delete_expect_revision("leader", Some(revision)).await {
+            Ok(()) => {
+                info!("handed over leadership");
+                return;
+            }
+            Err(e) => match kv.entry("leader").await {
+                Ok(Some(entry))
+                    if entry.operation == kv::Operation::Put
+                        && entry.revision != revision
+                        && serde_json::from_slice::<serde_json::Value>(&entry.value)
+                            .is_ok_and(|v| v["id"].as_str() == Some(id)) =>
+                {
+                    debug!(error = %e, revision = entry.revision, "lease renewed meanwhile; deleting at its new revision");
+                    revision = entry.revision;
+                }
+                _ => {
+                    warn!(error = %e, "could not delete the lease; it expires on its own");
+                    return;
+                }
+            },
+        }
+    }
+    warn!("could not delete the lease; it expires on its own");
 }
