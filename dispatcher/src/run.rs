@@ -362,7 +362,7 @@ async fn campaign(
                         }
                     }
                 }
-                Action::Resign { revision } => resign(&kv, &settings.id, revision).await,
+                Action::Resign { revision } => resign(kv, &settings.id, revision).await,
             }
         }
         if is_shutdown {
