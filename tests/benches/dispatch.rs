@@ -147,6 +147,55 @@ async fn main() {
         note: format!("{n} msgs in {raw:.2?}"),
     });
 
+    // Raw JetStream publish + pull-consume + ack, concurrently, on a work-queue stream: what one
+    // hop of a queue costs, the floor under any dispatcher that consumes an intake.
+    let consume_rate = {
+        let stream = js
+            .create_stream(stream::Config {
+                name: "BENCH_RAW_WQ".into(),
+                subjects: vec!["bench.wq".into()],
+                storage: stream::StorageType::File,
+                retention: stream::RetentionPolicy::WorkQueue,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        let consumer = stream
+            .create_consumer(jetstream::consumer::pull::Config {
+                durable_name: Some("bench".into()),
+                ack_policy: jetstream::consumer::AckPolicy::Explicit,
+                max_ack_pending: 20_000,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        let started = Instant::now();
+        let publish = tokio::spawn({
+            let (js, bodies) = (js.clone(), bodies.clone());
+            async move { publish_all(&js, "bench.wq", bodies).await }
+        });
+        let mut messages = consumer
+            .stream()
+            .max_messages_per_batch(512)
+            .messages()
+            .await
+            .unwrap();
+        for _ in 0..n {
+            let m = messages.next().await.unwrap().unwrap();
+            m.ack().await.unwrap();
+        }
+        let took = started.elapsed();
+        publish.await.unwrap();
+        let rate = n as f64 / took.as_secs_f64();
+        rows.push(Row {
+            name: "raw JetStream publish + pull-consume + ack (concurrent, work queue)".into(),
+            rate,
+            ratio: Some(rate / raw_rate),
+            note: format!("{n} msgs in {took:.2?}"),
+        });
+        rate
+    };
+
     // Single submits, published while the leader dispatches: submit → durable envelope.
     {
         let names = Names::new("bsingle").unwrap();
@@ -231,14 +280,15 @@ async fn main() {
     }
 
     println!();
-    println!("| measurement | tasks/s | × raw JetStream | detail |");
-    println!("|---|---:|---:|---|");
+    println!("| measurement | tasks/s | × raw publish | × raw publish+consume | detail |");
+    println!("|---|---:|---:|---:|---|");
     for r in &rows {
         println!(
-            "| {} | {:.0} | {} | {} |",
+            "| {} | {:.0} | {} | {:.2} | {} |",
             r.name,
             r.rate,
             r.ratio.map_or("—".into(), |x| format!("{x:.2}")),
+            r.rate / consume_rate,
             r.note
         );
     }
