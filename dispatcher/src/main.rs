@@ -2,10 +2,9 @@
 
 use clap::{CommandFactory, FromArgMatches, Parser};
 use drover_dispatcher::run::{Replica, run};
-use drover_shared::config::{ComponentArgs, ConnectArgs, LogFormat};
+use drover_shared::config::{ComponentArgs, ConnectArgs};
 use drover_shared::settings::{self, FlagOverrides};
 use std::process::ExitCode;
-use tokio_util::sync::CancellationToken;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -23,18 +22,6 @@ struct Args {
     /// Print the effective configuration (secrets masked) and exit.
     #[arg(long)]
     print_config: bool,
-}
-
-fn init_tracing(format: LogFormat, level: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_new(level)
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Json => builder.json().init(),
-        LogFormat::Text => builder.with_ansi(false).init(),
-    }
 }
 
 fn main() -> ExitCode {
@@ -55,7 +42,7 @@ fn main() -> ExitCode {
         print!("{}", settings::print_config(&settings));
         return ExitCode::SUCCESS;
     }
-    init_tracing(settings.log.format, &settings.log.level);
+    drover_shared::ops::service::init_tracing(settings.log.format, &settings.log.level);
     for var in settings::unrecognized_env(std::env::vars()) {
         tracing::warn!(variable = %var, "unknown DROVER_ variable ignored (a typo?)");
     }
@@ -66,40 +53,5 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("error: cannot start the async runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    runtime.block_on(async move {
-        let shutdown = CancellationToken::new();
-        tokio::spawn(signals(shutdown.clone()));
-        match run(replica, shutdown).await {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) => {
-                eprintln!("error: {e:#}");
-                ExitCode::FAILURE
-            }
-        }
-    })
-}
-
-/// First SIGTERM/SIGINT: graceful shutdown (hand over leadership). Second: exit at once.
-async fn signals(shutdown: CancellationToken) {
-    use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
-        return;
-    };
-    tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
-    shutdown.cancel();
-    tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
-    std::process::exit(130);
+    drover_shared::ops::service::run_service(|shutdown| run(replica, shutdown))
 }

@@ -92,6 +92,7 @@
 mod health;
 mod metrics;
 mod process;
+pub mod service;
 
 pub use health::Health;
 pub use metrics::{
