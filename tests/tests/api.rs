@@ -3,8 +3,6 @@
 
 use async_nats::jetstream::{self, context::Context};
 use async_nats::{Client, HeaderMap};
-use drover_shared::envelope::{self, CodecConfig};
-use drover_shared::keyring::Keyring;
 use drover_shared::names::Names;
 use drover_shared::task::{ErrorKind, Task, TaskError, TaskRecord, TaskSpec, TaskState};
 use drover_tests::{DroverProcess, NatsServer};
@@ -12,9 +10,6 @@ use futures::StreamExt;
 use serde_json::{Value, json};
 use std::collections::{BTreeSet, HashMap};
 use std::time::{Duration, Instant};
-
-/// A fixed test keyring (not a secret anywhere else).
-const KEYS: &str = drover_tests::TEST_KEYS;
 
 fn dispatcher(server_url: &str, name: &str) -> DroverProcess {
     DroverProcess::dispatcher(name, server_url, 4)
@@ -123,27 +118,11 @@ fn ids(reply: &Value, key: &str) -> Vec<String> {
 
 /// Every task in `DROVER_WORK`, decoded.
 async fn work_tasks(js: &Context, names: &Names) -> Vec<Task> {
-    let stream = js.get_stream(names.work_stream()).await.unwrap();
-    let last = stream.get_info().await.unwrap().state.last_sequence;
-    let ring = Keyring::parse(KEYS).unwrap();
-    let mut out = Vec::new();
-    for seq in 1..=last {
-        let Ok(m) = stream.get_raw_message(seq).await else {
-            continue;
-        };
-        let headers = m.headers.clone();
-        let (_, opened) = envelope::open_message::<Task>(
-            &ring,
-            &CodecConfig::default(),
-            names,
-            m.subject.as_str(),
-            |name| headers.get(name).map(|v| v.as_str()),
-            &m.payload,
-        )
-        .expect("every envelope opens with the keyring");
-        out.extend(opened.tasks);
-    }
-    out
+    drover_tests::observe::work_tasks(js, names)
+        .await
+        .into_iter()
+        .map(|d| d.task)
+        .collect()
 }
 
 /// Waits until every id in `want` is in `DROVER_WORK`; returns how often each id is there.
