@@ -113,20 +113,29 @@ impl Component {
     }
 
     async fn stop(mut self) {
-        if let Some(pid) = self.child.id() {
-            // SAFETY: kill(2) on our own child.
-            unsafe {
-                libc::kill(pid as i32, libc::SIGTERM);
-            }
-        }
-        if tokio::time::timeout(Duration::from_secs(10), self.child.wait())
-            .await
-            .is_err()
-        {
-            eprintln!("{} did not stop in 10 s; killing it", self.name);
-            let _ = self.child.kill().await;
+        if !terminate(&mut self.child).await {
+            eprintln!("{} did not stop in 10 s; killed it", self.name);
         }
     }
+}
+
+/// SIGTERM to `child`, then up to 10 s for it to exit, then SIGKILL. `false` if it had to be
+/// killed.
+async fn terminate(child: &mut Child) -> bool {
+    if let Some(pid) = child.id() {
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe {
+            libc::kill(pid as i32, libc::SIGTERM);
+        }
+    }
+    if tokio::time::timeout(Duration::from_secs(10), child.wait())
+        .await
+        .is_ok()
+    {
+        return true;
+    }
+    let _ = child.kill().await;
+    false
 }
 
 /// The project checkout: the directory holding `nats/install.sh`, searched from the current
@@ -241,18 +250,7 @@ impl LocalNats {
     }
 
     async fn shutdown(mut self) {
-        if let Some(pid) = self.child.id() {
-            // SAFETY: plain kill(2) on our own child's pid.
-            unsafe {
-                libc::kill(pid as i32, libc::SIGTERM);
-            }
-        }
-        if tokio::time::timeout(Duration::from_secs(10), self.child.wait())
-            .await
-            .is_err()
-        {
-            let _ = self.child.kill().await;
-        }
+        terminate(&mut self.child).await;
     }
 }
 
