@@ -54,6 +54,23 @@ async fn publish_acked(
     Ok(())
 }
 
+/// Publishes `subject` until JetStream acknowledges it, with the subject as the message id so a
+/// retry after a lost ack is deduplicated. Right after `create_stream` on a cluster, the node the
+/// client talks to may not yet know the stream's subjects ("no stream found for given subject").
+async fn publish_until_acked(js: &jetstream::Context, subject: String) -> Result<()> {
+    eventually(&format!("publish {subject}"), || async {
+        let headers = async_nats::HeaderMap::from_iter([(
+            async_nats::header::NATS_MESSAGE_ID,
+            async_nats::HeaderValue::from(subject.as_str()),
+        )]);
+        js.publish_with_headers(subject.clone(), headers, "x".into())
+            .await?
+            .await?;
+        Ok(())
+    })
+    .await
+}
+
 async fn stream_messages(js: &jetstream::Context, name: &str) -> Result<u64> {
     Ok(js.get_stream(name).await?.get_info().await?.state.messages)
 }
@@ -216,17 +233,14 @@ async fn cluster_r3_stream_survives_a_node_and_the_node_rejoins() -> Result<()> 
     let js = jetstream::new(cluster.connect().await);
     js.create_stream(stream_config("R3", 3)).await?;
     for i in 0..20 {
-        publish_acked(&js, format!("r3.{i}"), "before").await?;
+        publish_until_acked(&js, format!("r3.{i}")).await?;
     }
 
     // Losing the stream leader is the harder case: the survivors must elect a new one.
     let victim = stream_leader(&cluster, &js, "R3").await?;
     cluster.kill(victim);
     for i in 0..20 {
-        eventually("publish with one node down", || {
-            publish_acked(&js, format!("r3.down.{i}"), "during")
-        })
-        .await?;
+        publish_until_acked(&js, format!("r3.down.{i}")).await?;
     }
     let leader = eventually("new stream leader", || stream_leader(&cluster, &js, "R3")).await?;
     assert_ne!(leader, victim);
@@ -250,7 +264,7 @@ async fn cluster_recovers_from_every_node_crashing() -> Result<()> {
     let js = jetstream::new(cluster.connect().await);
     js.create_stream(stream_config("CRASH", 3)).await?;
     for i in 0..10 {
-        publish_acked(&js, format!("crash.{i}"), "x").await?;
+        publish_until_acked(&js, format!("crash.{i}")).await?;
     }
     cluster.restart_all().await;
     let messages = eventually("stream info after the crash", || {
@@ -258,9 +272,6 @@ async fn cluster_recovers_from_every_node_crashing() -> Result<()> {
     })
     .await?;
     assert_eq!(messages, 10);
-    eventually("publish after the crash", || {
-        publish_acked(&js, "crash.after".into(), "x")
-    })
-    .await?;
+    publish_until_acked(&js, "crash.after".into()).await?;
     Ok(())
 }
