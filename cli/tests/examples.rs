@@ -6,7 +6,7 @@
 
 mod common;
 
-use common::{finish, fleet, wait_state};
+use common::{finish, fleet, root, venv_python, wait_state};
 use serde_json::{Value, json};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -33,39 +33,6 @@ async fn until_queued(child: &mut tokio::process::Child) -> String {
         .await
         .expect("the example never reported `queued`");
     seen
-}
-
-fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
-/// A venv with the example's requirements, made once (pip is quiet when they are installed).
-fn venv_python() -> Option<PathBuf> {
-    if Command::new("python3").arg("--version").output().is_err() {
-        eprintln!("SKIPPED: python3 is not installed, so examples/python cannot be checked");
-        return None;
-    }
-    let venv = root().join("target/py-examples");
-    let python = venv.join("bin/python");
-    if !python.is_file() {
-        let st = Command::new("python3")
-            .args(["-m", "venv"])
-            .arg(&venv)
-            .status()
-            .expect("python3 -m venv");
-        assert!(st.success(), "python3 -m venv {} failed", venv.display());
-    }
-    let out = Command::new(&python)
-        .args(["-m", "pip", "install", "-q", "-r"])
-        .arg(root().join("examples/python/requirements.txt"))
-        .output()
-        .expect("pip");
-    assert!(
-        out.status.success(),
-        "pip install -r examples/python/requirements.txt failed:\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Some(python)
 }
 
 #[tokio::test]

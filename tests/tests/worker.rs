@@ -990,3 +990,121 @@ fn worker_without_keys_exits_2_with_advice() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("drover keys gen"), "{err}");
 }
+
+/// (f) SIGTERM to a worker process with tasks running: it stops pulling, lets the attempts that
+/// can finish within `drain_timeout_ms` finish and report, hands the batch whose task cannot
+/// finish back with a NAK (redelivered at once, not after `ack_wait`), deletes its heartbeat key
+/// (an explicit delete, not an expiry), and exits 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sigterm_drains_finishes_short_tasks_and_hands_back_the_rest() {
+    const QUEUE: &str = "dq";
+    // Long enough that a redelivery inside it can only come from the NAK.
+    const ACK_WAIT: Duration = Duration::from_secs(30);
+    let mut f = Fixture::start().await;
+    topology::provision_queue(
+        &f.js,
+        &f.names,
+        QUEUE,
+        2,
+        &QueueConsumerConfig {
+            max_in_flight: 1,
+            ack_wait: ACK_WAIT,
+        },
+    )
+    .await
+    .unwrap();
+    let drain = [("DROVER_WORKER__DRAIN_TIMEOUT_MS", "1500".to_owned())];
+    let w1 = f.worker("dq-w1", QUEUE, &drain);
+    f.wait_workers(&["dq-w1"], &[&w1]).await;
+    f.assign(QUEUE, 1, 1, &[(0, "dq-w1".into()), (1, "dq-w1".into())].into())
+        .await;
+    let short: Vec<Task> = (0..2)
+        .map(|i| {
+            task(
+                &format!("dq-short-{i}"),
+                QUEUE,
+                "sleep",
+                serde_json::json!({"ms": 700}),
+                None,
+            )
+        })
+        .collect();
+    let long = task(
+        "dq-long",
+        QUEUE,
+        "sleep",
+        serde_json::json!({"ms": 4000}),
+        None,
+    );
+    f.dispatch(QUEUE, 0, &short).await;
+    f.dispatch(QUEUE, 1, std::slice::from_ref(&long)).await;
+    for id in ["dq-short-0", "dq-short-1", "dq-long"] {
+        f.wait_running_on(id, "dq-w1", Duration::from_secs(10)).await;
+    }
+
+    let signalled = Instant::now();
+    let status = w1
+        .terminate(Duration::from_secs(15))
+        .expect("the worker exits on SIGTERM");
+    let took = signalled.elapsed();
+    assert!(
+        status.success(),
+        "exit status {status:?}\n{}",
+        tail(&w1.log(), 40)
+    );
+    eprintln!("worker exited {took:?} after SIGTERM");
+    // Drain timeout plus the cancelled attempt's wind-down, well before the long task's end.
+    assert!(took < Duration::from_millis(3_500), "took {took:?}");
+
+    // The short tasks finished and reported; the long one has no outcome from w1.
+    f.wait_outcomes(Duration::from_secs(5), "short outcomes", &[&w1], |o| {
+        o.len() >= 2
+    })
+    .await;
+    for t in &short {
+        let o = f.outcomes_of(&t.id);
+        assert_eq!(o.len(), 1, "{}", t.id);
+        assert_eq!(o[0].1.status, OutcomeStatus::Succeeded);
+    }
+    assert!(f.outcomes_of("dq-long").is_empty());
+
+    // The heartbeat key was deleted on the way out (an expiry would be a purge marker).
+    let entry = f
+        .kv("workers")
+        .await
+        .entry("dq-w1")
+        .await
+        .unwrap()
+        .expect("the worker's key has a delete marker");
+    assert_eq!(entry.operation, jetstream::kv::Operation::Delete);
+    let log = w1.log();
+    assert!(log.contains("deregistered"), "{}", tail(&log, 40));
+
+    // The short batch was acked; the long one was handed back and is redelivered at once.
+    let work = f.js.get_stream(f.names.work_stream()).await.unwrap();
+    let mut p0 = work
+        .get_consumer::<jetstream::consumer::pull::Config>(&f.names.work_consumer(QUEUE, 0))
+        .await
+        .unwrap();
+    let info = p0.info().await.unwrap();
+    assert_eq!((info.num_ack_pending, info.num_pending), (0, 0), "{info:?}");
+    let w2 = f.worker("dq-w2", QUEUE, &[]);
+    f.wait_workers(&["dq-w2"], &[&w2]).await;
+    f.assign(QUEUE, 1, 2, &[(0, "dq-w2".into()), (1, "dq-w2".into())].into())
+        .await;
+    let again = f
+        .wait_running_on("dq-long", "dq-w2", Duration::from_secs(10))
+        .await;
+    assert!(
+        signalled.elapsed() < ACK_WAIT,
+        "redelivered by the NAK, not by ack_wait ({again:?})"
+    );
+    f.wait_outcomes(Duration::from_secs(15), "the long task", &[&w2], |o| {
+        o.iter().any(|(_, o)| o.task.id == "dq-long")
+    })
+    .await;
+    let o = f.outcomes_of("dq-long");
+    assert_eq!(o.len(), 1);
+    assert_eq!(o[0].0, "dq-w2");
+    assert_eq!(o[0].1.status, OutcomeStatus::Succeeded);
+}

@@ -213,6 +213,8 @@ impl LocalNats {
             .arg(dir.join("jetstream"))
             .arg("-l")
             .arg(&log)
+            .arg("-P")
+            .arg(dir.join("nats.pid"))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())

@@ -1,10 +1,14 @@
 //! Helpers the CLI's integration tests share: a server with a leading dispatcher, and task
-//! records read and written the way the leader does.
+//! records read and written the way the leader does, the Python example's venv.
+// Each test crate that includes this module uses a part of it.
+#![allow(dead_code)]
 
 use async_nats::jetstream::{self, context::Context};
 use drover_shared::names::Names;
 use drover_tests::{DroverProcess, NatsServer};
 use serde_json::{Value, json};
+use std::path::{Path, PathBuf};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 /// A server and one dispatcher that leads and serves the API.
@@ -78,4 +82,38 @@ pub async fn finish(js: &Context, id: &str, state: &str, result: Value, error: O
     kv.put(id, serde_json::to_vec(&r).unwrap().into())
         .await
         .unwrap();
+}
+
+/// The workspace root.
+pub fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// A venv with the Python example's requirements, made once (pip is quiet when they are installed).
+pub fn venv_python() -> Option<PathBuf> {
+    if Command::new("python3").arg("--version").output().is_err() {
+        eprintln!("SKIPPED: python3 is not installed, so examples/python cannot be checked");
+        return None;
+    }
+    let venv = root().join("target/py-examples");
+    let python = venv.join("bin/python");
+    if !python.is_file() {
+        let st = Command::new("python3")
+            .args(["-m", "venv"])
+            .arg(&venv)
+            .status()
+            .expect("python3 -m venv");
+        assert!(st.success(), "python3 -m venv {} failed", venv.display());
+    }
+    let out = Command::new(&python)
+        .args(["-m", "pip", "install", "-q", "-r"])
+        .arg(root().join("examples/python/requirements.txt"))
+        .output()
+        .expect("pip");
+    assert!(
+        out.status.success(),
+        "pip install -r examples/python/requirements.txt failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Some(python)
 }
