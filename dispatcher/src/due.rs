@@ -201,7 +201,11 @@ struct Due {
 impl Due {
     /// Handles fired timers (with their due instants, if any) end to end: every one is acked,
     /// NAKed or quarantined by the time it returns.
-    async fn chunk(&mut self, chunk: Vec<(Option<i64>, jetstream::Message)>, cancel: &CancellationToken) {
+    async fn chunk(
+        &mut self,
+        chunk: Vec<(Option<i64>, jetstream::Message)>,
+        cancel: &CancellationToken,
+    ) {
         let (dues, chunk): (Vec<Option<i64>>, Vec<jetstream::Message>) = chunk.into_iter().unzip();
         let mut ok = vec![true; chunk.len()];
         let mut keep = vec![true; chunk.len()];

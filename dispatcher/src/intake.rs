@@ -102,7 +102,11 @@ pub fn prepare(
         .iter()
         .map(|spec| Task::first_attempt(spec, queue, limits.default_timeout_ms, now_ms))
         .collect();
-    let plans = sub.tasks.iter().map(|spec| Plan::of(spec, now_ms)).collect();
+    let plans = sub
+        .tasks
+        .iter()
+        .map(|spec| Plan::of(spec, now_ms))
+        .collect();
     Ok(Accepted {
         queue: queue.to_owned(),
         tasks,
@@ -234,7 +238,12 @@ mod tests {
         );
         let r = prep("drover.submit.q", r#"{"type":"a"}"#, Some("bad id")).unwrap_err();
         assert_eq!(r.error.field.as_deref(), Some("Nats-Msg-Id"));
-        let r = prep("drover.submit.q", r#"{"type":"a","depends_on":["x"]}"#, None).unwrap_err();
+        let r = prep(
+            "drover.submit.q",
+            r#"{"type":"a","depends_on":["x"]}"#,
+            None,
+        )
+        .unwrap_err();
         assert_eq!(r.error.code, ErrorCode::NotAllowed);
         assert!(r.error.message.contains("depends_on"));
         let r = prep(

@@ -634,7 +634,10 @@ impl Pipeline {
                         == async_nats::jetstream::context::PublishErrorKind::WrongLastSequence =>
                 {
                     let retry = held[r.from()].retry.clone();
-                    if self.is_own_record(&r.task().id, seq, retry.as_deref()).await {
+                    if self
+                        .is_own_record(&r.task().id, seq, retry.as_deref())
+                        .await
+                    {
                         keep.push(r);
                     } else {
                         self.ctx.metrics.duplicates.inc();

@@ -175,8 +175,11 @@ async fn delayed_tasks_run_at_their_time_and_past_ones_at_once() {
 
     // Stream path, delay_ms: `scheduled` with next_run_at at once, started not before it.
     let submitted = now_ms();
-    rig.publish(QUEUE, json!({"type": "noop", "id": "late-1", "delay_ms": 2000}))
-        .await;
+    rig.publish(
+        QUEUE,
+        json!({"type": "noop", "id": "late-1", "delay_ms": 2000}),
+    )
+    .await;
     let r = rig
         .wait_record("late-1", Duration::from_secs(10), |r| {
             r.state != TaskState::Queued
@@ -235,7 +238,8 @@ async fn delayed_tasks_run_at_their_time_and_past_ones_at_once() {
     }
 
     // Both given: an error on both paths.
-    let both = json!({"type": "noop", "id": "both-1", "delay_ms": 10, "run_at": "2030-01-01T00:00:00Z"});
+    let both =
+        json!({"type": "noop", "id": "both-1", "delay_ms": 10, "run_at": "2030-01-01T00:00:00Z"});
     let reply = rig.request("submit.default", both.clone()).await;
     assert_eq!(reply["error"]["code"], "invalid_field", "{reply}");
     rig.publish(QUEUE, both).await;
@@ -323,8 +327,11 @@ async fn cancelled_scheduled_and_queued_tasks_never_run() {
     let mut rig = Rig::start(1, 1).await;
 
     // Scheduled: cancelled while waiting for its time; the timer fires and is dropped.
-    rig.publish(QUEUE, json!({"type": "noop", "id": "c-sched", "delay_ms": 1500}))
-        .await;
+    rig.publish(
+        QUEUE,
+        json!({"type": "noop", "id": "c-sched", "delay_ms": 1500}),
+    )
+    .await;
     rig.wait_record("c-sched", Duration::from_secs(10), |r| {
         r.state == TaskState::Scheduled
     })
@@ -332,8 +339,11 @@ async fn cancelled_scheduled_and_queued_tasks_never_run() {
     let reply = rig.request("cancel", json!({"id": "c-sched"})).await;
     assert_eq!(reply["previous_state"], "scheduled", "{reply}");
     // A sibling due just after it proves the timers have fired.
-    rig.publish(QUEUE, json!({"type": "noop", "id": "c-sib", "delay_ms": 1600}))
-        .await;
+    rig.publish(
+        QUEUE,
+        json!({"type": "noop", "id": "c-sib", "delay_ms": 1600}),
+    )
+    .await;
     rig.wait_record("c-sib", Duration::from_secs(15), |r| {
         r.state == TaskState::Succeeded
     })
@@ -377,7 +387,7 @@ async fn ten_thousand_delayed_tasks_survive_a_leader_kill() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(10_000);
     let spread_ms: i64 = 5_000;
-    let mut rig = Rig::start(2, 2).await;
+    let rig = Rig::start(2, 2).await;
     let kv = rig.tasks().await;
 
     // Watch every record from the start; keep the terminal ones.
@@ -426,7 +436,10 @@ async fn ten_thousand_delayed_tasks_survive_a_leader_kill() {
     for a in acks {
         a.await.unwrap();
     }
-    eprintln!("submitted {n} delayed tasks in {:?}", submit_start.elapsed());
+    eprintln!(
+        "submitted {n} delayed tasks in {:?}",
+        submit_start.elapsed()
+    );
 
     // SIGKILL the leader halfway through the spread.
     let kill_at = base + spread_ms / 2;

@@ -15,9 +15,9 @@
 //! intake recognises them as this submission's own (see [`crate::delays`]).
 
 use super::request::{self, PLACEHOLDER_SEQ, PlannedId, SubmitReply};
+use super::{Api, to_reply, unavailable};
 use crate::delays::unique::ClaimResult;
 use crate::delays::{self, Claim, HDR_UNIQUE_CLAIM};
-use super::{Api, to_reply, unavailable};
 use crate::intake::{self, IntakeLimits};
 use async_nats::{HeaderMap, Message};
 use drover_shared::error::ApiError;
@@ -73,7 +73,9 @@ impl Api {
                     .await
                     .map_err(|e| unavailable("cannot publish the submission", e))?
                     .await
-                    .map_err(|e| unavailable("the submission was not stored in the intake stream", e))
+                    .map_err(|e| {
+                        unavailable("the submission was not stored in the intake stream", e)
+                    })
             }
             .await;
             let ack = match published {

@@ -294,10 +294,7 @@ mod tests {
         let past = r#"{"type":"a","run_at":"2001-01-01T00:00:00Z"}"#;
         assert_eq!(Plan::of(&spec(past), now).due_ms, None);
         let future = r#"{"type":"a","run_at":"2100-01-01T00:00:00.250Z"}"#;
-        assert_eq!(
-            Plan::of(&spec(future), now).due_ms,
-            Some(4_102_444_800_250)
-        );
+        assert_eq!(Plan::of(&spec(future), now).due_ms, Some(4_102_444_800_250));
         let u = Plan::of(
             &spec(r#"{"type":"a","unique_key":"k","unique_for_ms":1500}"#),
             now,

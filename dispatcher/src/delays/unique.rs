@@ -87,7 +87,9 @@ impl UniqueStore {
                 Err(e) => return Err(format!("claim unique key {key}: {e}")),
             }
         }
-        Err(format!("unique key {key} kept changing while being claimed"))
+        Err(format!(
+            "unique key {key} kept changing while being claimed"
+        ))
     }
 
     /// Gives `key` back (a delete marker that itself expires), e.g. when the submission that
