@@ -47,7 +47,7 @@ enum Command {
     #[command(subcommand)]
     Keys(KeysCommand),
     /// Submit a task through the validated API and print its id (`--wait` for the outcome).
-    Submit(cmd::submit::SubmitArgs),
+    Submit(Box<cmd::submit::SubmitArgs>),
     /// Show a task's record (exit 1 if it failed, was cancelled or upstream failed).
     Status(cmd::status::StatusArgs),
     /// Wait until tasks are terminal (exit 1 if any did not succeed).
@@ -143,7 +143,7 @@ fn finish(result: Result<cmd::Exit, cmd::CliError>) -> ExitCode {
 
 async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
-        Command::Submit(a) => Ok(finish(cmd::submit::run(a).await)),
+        Command::Submit(a) => Ok(finish(cmd::submit::run(*a).await)),
         Command::Status(a) => Ok(finish(cmd::status::run(a).await)),
         Command::Wait(a) => Ok(finish(cmd::wait::run(a).await)),
         Command::Cancel(a) => Ok(finish(cmd::cancel::run(a).await)),

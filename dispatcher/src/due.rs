@@ -2,9 +2,15 @@
 //! sealed task (see [`crate::outcomes`] for the sealing convention), writes a best-effort
 //! `queued` record for the attempt, and dispatches it through the same routing, batching and
 //! sealing as the intake ([`crate::leader::Pipeline`]). A timer is acked only after the PubAcks
-//! of its envelopes; a timer whose task is terminal meanwhile (e.g. cancelled while retrying) is
-//! dropped with an ack.
+//! of its envelopes; a timer whose task is terminal meanwhile (e.g. cancelled while scheduled or
+//! retrying) is dropped with an ack.
+//!
+//! A timer with a `Drover-Due` instant still in the future (a delayed task's timer fires
+//! [`crate::delays::HOLD_AHEAD`] early) is held unacked in a bounded in-memory set and handled at
+//! that instant, so delayed tasks leave on time rather than on the server scheduler's tick.
+//! Held timers are NAKed when leadership ends, so the next leader gets them at once.
 
+use crate::delays::{self, HDR_DUE, Held, MAX_HELD};
 use crate::leader::{LeaderContext, LeaderError, Pipeline, Routed};
 use crate::outcomes::{DELAYED_PARTITION, quarantine};
 use crate::records::{CAS_ATTEMPTS, Records, WriteError};
@@ -20,6 +26,8 @@ use tracing::{debug, info, warn};
 const MAX_CHUNK: usize = 256;
 /// How long an unopenable timer with an unknown key id waits before it is tried again.
 const UNKNOWN_KID_DELAY: Duration = Duration::from_secs(5);
+/// Record reads and writes in flight at once while preparing a chunk.
+const RECORDS_IN_FLIGHT: usize = 64;
 
 /// What to do with a fired timer's task, given its current record.
 #[derive(Debug, Clone)]
@@ -108,11 +116,25 @@ pub async fn consume(
         ctx,
         records,
     };
+    let mut held: Held<jetstream::Message> = Held::default();
     loop {
+        let wake = held.next_due().map(|due_ms| {
+            let wait = (due_ms - now_ms()).max(0) as u64;
+            tokio::time::Instant::now() + Duration::from_millis(wait)
+        });
         let first = tokio::select! {
             biased;
             _ = cancel.cancelled() => break,
-            m = messages.next() => m,
+            _ = sleep_until(wake), if wake.is_some() => {
+                let ready = held.take_due(now_ms());
+                let mut ready = ready.into_iter().map(|(due, m)| (Some(due), m)).peekable();
+                while ready.peek().is_some() {
+                    let chunk: Vec<_> = ready.by_ref().take(MAX_CHUNK).collect();
+                    due.chunk(chunk, &cancel).await;
+                }
+                continue;
+            }
+            m = messages.next(), if held.len() < MAX_HELD => m,
         };
         let Some(first) = first else { break };
         let mut chunk = Vec::new();
@@ -130,10 +152,45 @@ pub async fn consume(
                 _ => break,
             }
         }
-        due.chunk(chunk, &cancel).await;
+        // Timers due later are held until their instant; the rest go now.
+        let now = now_ms();
+        let mut ready = Vec::with_capacity(chunk.len());
+        for m in chunk {
+            let due_ms = delays::due_of(
+                m.headers
+                    .as_ref()
+                    .and_then(|h| h.get(HDR_DUE))
+                    .map(|v| v.as_str()),
+            );
+            match due_ms {
+                Some(t) if t > now => held.push(t, m),
+                _ => ready.push((due_ms, m)),
+            }
+        }
+        if !ready.is_empty() {
+            due.chunk(ready, &cancel).await;
+        }
+    }
+    // Leadership ended: what is held goes back to the server for the next leader.
+    for m in held.drain() {
+        let _ = m.ack_with(AckKind::Nak(None)).await;
     }
     Ok(())
 }
+
+fn now_ms() -> i64 {
+    chrono::Utc::now().timestamp_millis()
+}
+
+async fn sleep_until(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+type BoxedPrepare<'a> =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<bool, String>> + Send + 'a>>;
 
 struct Due {
     ctx: LeaderContext,
@@ -142,10 +199,17 @@ struct Due {
 }
 
 impl Due {
-    async fn chunk(&mut self, chunk: Vec<jetstream::Message>, cancel: &CancellationToken) {
+    /// Handles fired timers (with their due instants, if any) end to end: every one is acked,
+    /// NAKed or quarantined by the time it returns.
+    async fn chunk(
+        &mut self,
+        chunk: Vec<(Option<i64>, jetstream::Message)>,
+        cancel: &CancellationToken,
+    ) {
+        let (dues, chunk): (Vec<Option<i64>>, Vec<jetstream::Message>) = chunk.into_iter().unzip();
         let mut ok = vec![true; chunk.len()];
         let mut keep = vec![true; chunk.len()];
-        let mut routed = Vec::new();
+        let mut opened: Vec<(usize, Task)> = Vec::new();
         for (i, msg) in chunk.iter().enumerate() {
             let tasks = match self.open(msg) {
                 Ok(t) => t,
@@ -161,31 +225,55 @@ impl Due {
                     continue;
                 }
             };
-            for task in tasks {
-                match self.prepare(&task).await {
-                    Ok(true) => match self.pipeline.route(&task).await {
-                        Ok(partition) => routed.push(Routed {
-                            task,
-                            from: i,
-                            partition,
-                        }),
-                        Err(e) => {
-                            warn!(task_id = %task.id, error = %e, "cannot route a due task; it comes back");
-                            ok[i] = false;
-                        }
-                    },
-                    Ok(false) => {}
+            opened.extend(tasks.into_iter().map(|t| (i, t)));
+        }
+        // Records are read (and `queued` written) concurrently; routing keeps the chunk's order.
+        let prepared: Vec<Result<bool, String>> = {
+            let this = &*self;
+            // Boxed, so the spawned future stays `Send` for every lifetime (a plain closure
+            // over `&(usize, Task)` is not general enough for `tokio::spawn`).
+            let futures: Vec<BoxedPrepare<'_>> = opened
+                .iter()
+                .map(|(_, task)| Box::pin(this.prepare(task)) as BoxedPrepare<'_>)
+                .collect();
+            futures::stream::iter(futures)
+                .buffered(RECORDS_IN_FLIGHT)
+                .collect()
+                .await
+        };
+        let mut routed = Vec::new();
+        for ((i, task), prepared) in opened.into_iter().zip(prepared) {
+            match prepared {
+                Ok(true) => match self.pipeline.route(&task).await {
+                    Ok(partition) => routed.push(Routed {
+                        task,
+                        from: i,
+                        partition,
+                    }),
                     Err(e) => {
-                        warn!(task_id = %task.id, error = %e, "cannot read the record of a due task; it comes back");
+                        warn!(task_id = %task.id, error = %e, "cannot route a due task; it comes back");
                         ok[i] = false;
                     }
+                },
+                Ok(false) => {}
+                Err(e) => {
+                    warn!(task_id = %task.id, error = %e, "cannot read the record of a due task; it comes back");
+                    ok[i] = false;
                 }
             }
         }
-        let n = routed.len() as u64;
+        let sent: Vec<usize> = routed.iter().map(|r| r.from).collect();
         let failed = self.pipeline.send(routed).await;
-        if failed.is_empty() {
-            self.ctx.metrics.due_dispatched.inc_by(n);
+        let now = now_ms();
+        for i in sent {
+            if failed.contains(&i) {
+                continue;
+            }
+            self.ctx.metrics.due_dispatched.inc();
+            if let Some(due_ms) = dues[i] {
+                let late = (now - due_ms).max(0) as f64 / 1000.0;
+                self.ctx.metrics.due_lateness.observe(late);
+            }
         }
         let leading = !cancel.is_cancelled();
         for (i, msg) in chunk.into_iter().enumerate() {

@@ -2,6 +2,7 @@
 //! valid, the ids of its tasks, and the partition each goes to. Pure: the leader loop feeds it
 //! the message and carries out the result.
 
+use crate::delays::Plan;
 use drover_shared::error::{ApiError, ErrorCode};
 use drover_shared::names::{Names, is_valid_queue};
 use drover_shared::partition::partition_for_key;
@@ -27,6 +28,8 @@ pub struct Accepted {
     pub queue: String,
     /// Tasks with ids assigned and defaults applied.
     pub tasks: Vec<Task>,
+    /// Per task (same order): its delay and uniqueness window.
+    pub plans: Vec<Plan>,
 }
 
 /// What the intake needs to know about the server and the queue defaults.
@@ -99,9 +102,15 @@ pub fn prepare(
         .iter()
         .map(|spec| Task::first_attempt(spec, queue, limits.default_timeout_ms, now_ms))
         .collect();
+    let plans = sub
+        .tasks
+        .iter()
+        .map(|spec| Plan::of(spec, now_ms))
+        .collect();
     Ok(Accepted {
         queue: queue.to_owned(),
         tasks,
+        plans,
     })
 }
 
@@ -112,12 +121,6 @@ fn unsupported(spec: &TaskSpec) -> Option<&'static str> {
         Some("depends_on")
     } else if !spec.shards.is_one() && spec.shards != Shards::Count(1) {
         Some("shards")
-    } else if spec.unique_key.is_some() {
-        Some("unique_key")
-    } else if spec.run_at.is_some() {
-        Some("run_at")
-    } else if spec.delay_ms.is_some_and(|d| d > 0) {
-        Some("delay_ms")
     } else {
         None
     }
@@ -235,9 +238,23 @@ mod tests {
         );
         let r = prep("drover.submit.q", r#"{"type":"a"}"#, Some("bad id")).unwrap_err();
         assert_eq!(r.error.field.as_deref(), Some("Nats-Msg-Id"));
-        let r = prep("drover.submit.q", r#"{"type":"a","delay_ms":5}"#, None).unwrap_err();
+        let r = prep(
+            "drover.submit.q",
+            r#"{"type":"a","depends_on":["x"]}"#,
+            None,
+        )
+        .unwrap_err();
         assert_eq!(r.error.code, ErrorCode::NotAllowed);
-        assert!(r.error.message.contains("delay_ms"));
+        assert!(r.error.message.contains("depends_on"));
+        let r = prep(
+            "drover.submit.q",
+            r#"{"type":"a","delay_ms":5,"run_at":"2030-01-01T00:00:00Z"}"#,
+            None,
+        )
+        .unwrap_err();
+        assert_eq!(r.error.code, ErrorCode::InvalidField);
+        let a = prep("drover.submit.q", r#"{"type":"a","delay_ms":5}"#, None).unwrap();
+        assert_eq!(a.plans[0].due_ms, Some(1005));
     }
 
     #[test]

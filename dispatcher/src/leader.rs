@@ -7,6 +7,8 @@
 
 use crate::api::{HDR_RETRY, HDR_TASK_ID};
 use crate::batcher::{Batch, Batcher, BatcherConfig, Route};
+use crate::delays::unique::{ClaimResult, UniqueStore};
+use crate::delays::{self, Claim, HDR_UNIQUE_CLAIM};
 use crate::events::EventSink;
 use crate::intake::{self, IntakeLimits, Rejection, Router, Strategy};
 use crate::metrics::DispatcherMetrics;
@@ -233,6 +235,51 @@ pub(crate) struct Pipeline {
     router: Router,
     queues: HashMap<String, QueueInfo>,
     records: Option<jetstream::stream::Stream>,
+    unique: Option<UniqueStore>,
+}
+
+/// A task whose first attempt waits for its time.
+struct Delayed {
+    task: Task,
+    from: usize,
+    due_ms: i64,
+}
+
+/// A task whose record the intake creates: `queued` (routed) or `scheduled` (delayed).
+trait NewRecord {
+    fn task(&self) -> &Task;
+    fn from(&self) -> usize;
+    fn record(&self) -> TaskRecord;
+}
+
+fn submitted_at(task: &Task) -> chrono::DateTime<chrono::Utc> {
+    chrono::DateTime::from_timestamp_millis(task.submitted_ms).unwrap_or_else(chrono::Utc::now)
+}
+
+impl NewRecord for Routed {
+    fn task(&self) -> &Task {
+        &self.task
+    }
+    fn from(&self) -> usize {
+        self.from
+    }
+    fn record(&self) -> TaskRecord {
+        TaskRecord::new(&self.task, TaskState::Queued, submitted_at(&self.task))
+    }
+}
+
+impl NewRecord for Delayed {
+    fn task(&self) -> &Task {
+        &self.task
+    }
+    fn from(&self) -> usize {
+        self.from
+    }
+    fn record(&self) -> TaskRecord {
+        let mut r = TaskRecord::new(&self.task, TaskState::Scheduled, submitted_at(&self.task));
+        r.next_run_at = chrono::DateTime::from_timestamp_millis(self.due_ms);
+        r
+    }
 }
 
 /// A task on its way into an envelope, with the index of the message it came from.
@@ -254,6 +301,7 @@ impl Pipeline {
             router: Router::default(),
             queues: HashMap::new(),
             records: None,
+            unique: None,
         }
     }
 
@@ -309,6 +357,31 @@ impl Pipeline {
             });
         }
 
+        // Uniqueness windows first: a key held by another task rejects the whole message.
+        if accepted
+            .iter()
+            .any(|(_, a)| a.plans.iter().any(|p| p.unique.is_some()))
+        {
+            let mut keep = Vec::with_capacity(accepted.len());
+            for (i, a) in accepted {
+                match self.claim_unique(&held[i].msg, &a).await {
+                    Ok(None) => keep.push((i, a)),
+                    Ok(Some(error)) => rejected.push((
+                        i,
+                        Rejection {
+                            queue: a.queue.clone(),
+                            error,
+                        },
+                    )),
+                    Err(e) => {
+                        warn!(error = %e, "cannot claim a unique key; will retry");
+                        held[i].ok = false;
+                    }
+                }
+            }
+            accepted = keep;
+        }
+
         // Rejected submissions: a record with the original bytes and the reason, then ack.
         let mut rejects = Vec::new();
         for (i, r) in &rejected {
@@ -328,6 +401,7 @@ impl Pipeline {
 
         // Queues seen for the first time get their partitions and consumers.
         let mut routed: Vec<Routed> = Vec::new();
+        let mut delayed: Vec<Delayed> = Vec::new();
         for (i, a) in accepted {
             let partitions = match self.queue(&a.queue).await {
                 Ok(p) => p,
@@ -343,7 +417,15 @@ impl Pipeline {
                 self.ctx.config.strategy,
                 rand::random(),
             );
-            for task in a.tasks {
+            for (task, plan) in a.tasks.into_iter().zip(a.plans) {
+                if let Some(due_ms) = plan.due_ms {
+                    delayed.push(Delayed {
+                        task,
+                        from: i,
+                        due_ms,
+                    });
+                    continue;
+                }
                 let partition = Router::partition(task.key.as_deref(), partitions, turn);
                 routed.push(Routed {
                     task,
@@ -356,6 +438,10 @@ impl Pipeline {
         // Duplicate check and `queued` records.
         if self.ctx.config.track_queued && !routed.is_empty() {
             routed = self.record_queued(routed, &mut held).await;
+        }
+        // Delayed tasks: `scheduled` record (always: cancel needs it), then their timers.
+        if !delayed.is_empty() {
+            self.schedule(delayed, &mut held).await;
         }
 
         // Batch per partition, seal, publish pipelined.
@@ -491,33 +577,36 @@ impl Pipeline {
     /// exists is a duplicate and is dropped — unless the record came from this very intake
     /// message (a redelivery after a crash between record and envelope), which goes on.
     async fn record_queued(&mut self, routed: Vec<Routed>, held: &mut [Held]) -> Vec<Routed> {
-        let mut keep = Vec::with_capacity(routed.len());
-        let mut routed = routed.into_iter().peekable();
+        self.record_new(routed, held).await
+    }
+
+    /// Creates a record per task (see [`Pipeline::record_queued`]); returns the tasks that go on.
+    async fn record_new<T: NewRecord>(&mut self, items: Vec<T>, held: &mut [Held]) -> Vec<T> {
+        let mut keep = Vec::with_capacity(items.len());
+        let mut items = items.into_iter().peekable();
         // In windows, so the acks awaited at once stay bounded whatever the chunk holds.
-        while routed.peek().is_some() {
-            let window: Vec<Routed> = routed.by_ref().take(RECORD_WINDOW).collect();
+        while items.peek().is_some() {
+            let window: Vec<T> = items.by_ref().take(RECORD_WINDOW).collect();
             self.record_window(window, held, &mut keep).await;
         }
         keep
     }
 
-    async fn record_window(
+    async fn record_window<T: NewRecord>(
         &mut self,
-        window: Vec<Routed>,
+        window: Vec<T>,
         held: &mut [Held],
-        keep: &mut Vec<Routed>,
+        keep: &mut Vec<T>,
     ) {
         let bucket = self.ctx.names.bucket("tasks");
         let mut acks = Vec::with_capacity(window.len());
         for r in &window {
-            let seq = held[r.from]
+            let seq = held[r.from()]
                 .msg
                 .info()
                 .map(|i| i.stream_sequence)
                 .unwrap_or(0);
-            let submitted = chrono::DateTime::from_timestamp_millis(r.task.submitted_ms)
-                .unwrap_or_else(chrono::Utc::now);
-            let record = TaskRecord::new(&r.task, TaskState::Queued, submitted);
+            let record = r.record();
             let body = serde_json::to_vec(&record).unwrap_or_default();
             let mut headers = HeaderMap::new();
             headers.insert("Nats-Expected-Last-Subject-Sequence", "0");
@@ -525,7 +614,11 @@ impl Pipeline {
             let ack = self
                 .ctx
                 .js
-                .publish_with_headers(format!("$KV.{bucket}.{}", r.task.id), headers, body.into())
+                .publish_with_headers(
+                    format!("$KV.{bucket}.{}", r.task().id),
+                    headers,
+                    body.into(),
+                )
                 .await;
             acks.push((ack, seq));
         }
@@ -540,23 +633,27 @@ impl Pipeline {
                     if e.kind()
                         == async_nats::jetstream::context::PublishErrorKind::WrongLastSequence =>
                 {
-                    let retry = held[r.from].retry.clone();
-                    if self.is_own_record(&r.task.id, seq, retry.as_deref()).await {
+                    let retry = held[r.from()].retry.clone();
+                    if self
+                        .is_own_record(&r.task().id, seq, retry.as_deref())
+                        .await
+                    {
                         keep.push(r);
                     } else {
                         self.ctx.metrics.duplicates.inc();
-                        debug!(task_id = %r.task.id, "duplicate id; not run again");
+                        debug!(task_id = %r.task().id, "duplicate id; not run again");
                     }
                 }
                 Err(e) => {
-                    warn!(task_id = %r.task.id, error = %e, "cannot write task record; will retry");
-                    held[r.from].ok = false;
+                    warn!(task_id = %r.task().id, error = %e, "cannot write task record; will retry");
+                    held[r.from()].ok = false;
                 }
             }
         }
     }
 
-    /// `true` if the record of `id` is still `queued` and was written for intake sequence `seq`
+    /// `true` if the record of `id` is still `queued` (or `scheduled`) and was written for intake
+    /// sequence `seq`
     /// — or, for a retry (`retry` = its `Drover-Retry`), reset by `drover.api.retry` with that
     /// same retry number.
     async fn is_own_record(&mut self, id: &str, seq: u64, retry: Option<&str>) -> bool {
@@ -580,11 +677,93 @@ impl Pipeline {
                         .is_some_and(|v| v.as_str() == seq.to_string()),
                 };
                 let queued = serde_json::from_slice::<TaskRecord>(&m.payload)
-                    .is_ok_and(|r| r.state == TaskState::Queued);
+                    .is_ok_and(|r| matches!(r.state, TaskState::Queued | TaskState::Scheduled));
                 own && queued
             }
             Err(_) => false,
         }
+    }
+
+    /// Writes the `scheduled` records of `delayed` (the duplicate check, as for `queued`), then
+    /// publishes their timers and waits for the PubAcks; a source message with a failed step
+    /// comes back.
+    async fn schedule(&mut self, delayed: Vec<Delayed>, held: &mut [Held]) {
+        let delayed = self.record_new(delayed, held).await;
+        let mut acks = Vec::with_capacity(delayed.len());
+        for d in &delayed {
+            let seq = held[d.from]
+                .msg
+                .info()
+                .map(|i| i.stream_sequence)
+                .unwrap_or(0);
+            acks.push(delays::timer::publish(&self.ctx, self.epoch, &d.task, seq, d.due_ms).await);
+        }
+        for (d, ack) in delayed.iter().zip(acks) {
+            let result = match ack {
+                Ok(fut) => fut.await.map(|_| ()).map_err(|e| e.to_string()),
+                Err(e) => Err(e),
+            };
+            match result {
+                Ok(()) => {
+                    self.ctx.metrics.delayed_scheduled.inc();
+                    self.ctx.events.emit(&d.record());
+                }
+                Err(e) => {
+                    warn!(task_id = %d.task.id, error = %e, "timer not stored; will retry");
+                    held[d.from].ok = false;
+                }
+            }
+        }
+    }
+
+    /// Claims the uniqueness windows of `a`'s tasks. `Ok(Some(error))`: a key is held by another
+    /// task, so the message is rejected (the keys it did claim are given back).
+    async fn claim_unique(
+        &mut self,
+        msg: &jetstream::Message,
+        a: &intake::Accepted,
+    ) -> Result<Option<drover_shared::error::ApiError>, String> {
+        if self.unique.is_none() {
+            self.unique = Some(UniqueStore::open(&self.ctx.js, &self.ctx.names).await?);
+        }
+        let Some(store) = self.unique.clone() else {
+            return Err("no unique bucket".into());
+        };
+        let token = msg
+            .headers
+            .as_ref()
+            .and_then(|h| h.get(HDR_UNIQUE_CLAIM))
+            .map(|v| v.as_str().to_owned());
+        let now_ms = chrono::Utc::now().timestamp_millis();
+        let mut mine = Vec::new();
+        for (index, (task, plan)) in a.tasks.iter().zip(&a.plans).enumerate() {
+            let Some(window) = &plan.unique else { continue };
+            let key = delays::unique_kv_key(&a.queue, &window.key);
+            let claim = Claim::new(&a.queue, window, Some(&task.id), token.as_deref(), now_ms);
+            let result = store
+                .claim(
+                    &key,
+                    &claim,
+                    delays::ttl_secs(window.window_ms),
+                    Some(&task.id),
+                    token.as_deref(),
+                )
+                .await;
+            match result {
+                Ok(ClaimResult::Claimed | ClaimResult::Own) => mine.push(key),
+                Ok(ClaimResult::Taken(holder)) => {
+                    for key in &mine {
+                        let _ = store.release(key).await;
+                    }
+                    debug!(task_id = %task.id, "unique key taken; submission rejected");
+                    return Ok(Some(
+                        holder.duplicate_error((a.tasks.len() > 1).then_some(index)),
+                    ));
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(None)
     }
 
     async fn publish_envelope(&self, batch: Batch<Routed>) -> Result<PublishAckFuture, String> {

@@ -96,6 +96,17 @@ pub const DUE_SKIPPED: MetricDef = MetricDef::new(
     "drover_due_skipped",
     "Fired DROVER_DELAYED timers dropped because their task was terminal (e.g. cancelled)",
 );
+/// Delayed tasks given a `scheduled` record and a timer at intake.
+pub const DELAYED_SCHEDULED: MetricDef = MetricDef::new(
+    "drover_delayed_scheduled",
+    "Tasks with a future run_at/delay_ms given a scheduled record and a DROVER_DELAYED timer",
+);
+/// How late delayed tasks left the leader.
+pub const DUE_LATENESS: MetricDef = MetricDef::new(
+    "drover_due_lateness",
+    "Time from a delayed task's due instant to the PubAck of its envelope",
+)
+.with_unit(Unit::Seconds);
 /// Lifecycle events published.
 pub const EVENTS: MetricDef = MetricDef::new(
     "drover_events",
@@ -153,6 +164,10 @@ pub struct DispatcherMetrics {
     pub due_dispatched: Counter,
     /// [`DUE_SKIPPED`].
     pub due_skipped: Counter,
+    /// [`DELAYED_SCHEDULED`].
+    pub delayed_scheduled: Counter,
+    /// [`DUE_LATENESS`].
+    pub due_lateness: Histogram,
     /// [`EVENTS`].
     pub events: Counter,
     /// [`EVENTS_DROPPED`].
@@ -185,6 +200,8 @@ impl DispatcherMetrics {
             quarantined: m.family(&QUARANTINED),
             due_dispatched: m.counter(&DUE_DISPATCHED),
             due_skipped: m.counter(&DUE_SKIPPED),
+            delayed_scheduled: m.counter(&DELAYED_SCHEDULED),
+            due_lateness: m.latency_histogram(&DUE_LATENESS),
             events: m.counter(&EVENTS),
             events_dropped: m.counter(&EVENTS_DROPPED),
         }

@@ -460,10 +460,12 @@ pub fn leader_consumers(
         ),
         (
             names.delayed_stream(),
+            // Short: the leader holds a delayed task's fired timer for up to a second before
+            // its due instant, and a crashed leader's held timers must come back promptly.
             pull(
                 names.due_consumer(),
                 format!("{p}.due.>"),
-                Duration::from_secs(30),
+                (lease + Duration::from_secs(1)).max(Duration::from_secs(2)),
                 cfg.intake_max_ack_pending,
             ),
         ),

@@ -40,6 +40,12 @@ pub struct SubmitArgs {
     /// Start no earlier than this time (RFC 3339, e.g. 2026-01-01T09:00:00Z).
     #[arg(long)]
     pub at: Option<String>,
+    /// Refuse another task with this key in the queue for --unique-for (`unique_key`).
+    #[arg(long, requires = "unique_for")]
+    pub unique_key: Option<String>,
+    /// How long --unique-key stays taken (e.g. 1m; rounded up to whole seconds).
+    #[arg(long, value_parser = parse_duration, requires = "unique_key")]
+    pub unique_for: Option<Duration>,
     /// Total attempts before the task fails (1-100; default 3).
     #[arg(long)]
     pub max_attempts: Option<u32>,
@@ -75,6 +81,10 @@ pub struct TaskFlags<'a> {
     pub delay: Option<Duration>,
     /// `run_at`, as given.
     pub at: Option<&'a str>,
+    /// `unique_key`.
+    pub unique_key: Option<&'a str>,
+    /// `unique_for_ms`.
+    pub unique_for: Option<Duration>,
     /// `max_attempts`.
     pub max_attempts: Option<u32>,
     /// `timeout_ms`.
@@ -133,6 +143,15 @@ pub fn build_task(f: &TaskFlags<'_>) -> Result<Vec<u8>, CliError> {
             Value::String(drover_shared::task::format_time(&t)),
         );
     }
+    if let Some(k) = f.unique_key {
+        task.insert("unique_key".into(), Value::String(k.to_owned()));
+    }
+    if let Some(d) = f.unique_for {
+        task.insert(
+            "unique_for_ms".into(),
+            u64::try_from(d.as_millis()).unwrap_or(u64::MAX).into(),
+        );
+    }
     if !f.meta.is_empty() {
         let mut meta = Map::new();
         for kv in f.meta {
@@ -172,6 +191,8 @@ fn flag_of(field: &str) -> String {
         "timeout_ms" => "--timeout",
         "delay_ms" => "--delay",
         "run_at" => "--at",
+        "unique_key" => "--unique-key",
+        "unique_for_ms" => "--unique-for",
         "meta" => "--meta",
         _ => return String::new(),
     };
@@ -210,6 +231,8 @@ pub async fn run(args: SubmitArgs) -> Result<Exit, CliError> {
         id: args.id.as_deref(),
         delay: args.delay,
         at: args.at.as_deref(),
+        unique_key: args.unique_key.as_deref(),
+        unique_for: args.unique_for,
         max_attempts: args.max_attempts,
         timeout: args.timeout,
         meta: &args.meta,
@@ -310,6 +333,17 @@ mod tests {
         )
         .unwrap();
         assert_eq!(v["delay_ms"], 5000);
+        let v: Value = serde_json::from_slice(
+            &build_task(&TaskFlags {
+                unique_key: Some("daily"),
+                unique_for: Some(Duration::from_millis(1500)),
+                ..flags("noop")
+            })
+            .unwrap(),
+        )
+        .unwrap();
+        assert_eq!(v["unique_key"], "daily");
+        assert_eq!(v["unique_for_ms"], 1500);
         let v: Value = serde_json::from_slice(
             &build_task(&TaskFlags {
                 at: Some("2026-01-01T09:00:00+01:00"),

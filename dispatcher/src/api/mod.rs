@@ -20,6 +20,7 @@ mod control;
 pub mod request;
 mod submit;
 
+use crate::delays::unique::UniqueStore;
 use async_nats::jetstream::{self, kv};
 use async_nats::{HeaderMap, Message, Subscriber};
 use drover_shared::error::{ApiError, ErrorCode};
@@ -98,6 +99,7 @@ pub enum ServeError {
 pub(crate) struct Api {
     ctx: ApiContext,
     tasks: kv::Store,
+    unique: UniqueStore,
 }
 
 /// `unavailable`, for a NATS request that failed: the same request may succeed later.
@@ -120,6 +122,12 @@ pub async fn serve_api(ctx: ApiContext, cancel: CancellationToken) -> Result<(),
             bucket: bucket.clone(),
             reason: e.to_string(),
         })?;
+    let unique = UniqueStore::open(&ctx.js, &ctx.names)
+        .await
+        .map_err(|reason| ServeError::Bucket {
+            bucket: ctx.names.bucket("unique"),
+            reason,
+        })?;
     let group = ctx.queue_group();
     let mut subs: Vec<Subscriber> = Vec::new();
     for endpoint in ["submit.>", "status", "cancel", "retry"] {
@@ -135,7 +143,7 @@ pub async fn serve_api(ctx: ApiContext, cancel: CancellationToken) -> Result<(),
         subs.push(sub);
     }
     info!(replica = %ctx.replica, group = %group, "serving the request API");
-    let api = Arc::new(Api { ctx, tasks });
+    let api = Arc::new(Api { ctx, tasks, unique });
     let mut incoming = futures::stream::select_all(subs);
     let permits = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
     let mut running = JoinSet::new();

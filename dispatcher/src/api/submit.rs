@@ -8,9 +8,16 @@
 //! else `_s<stream seq>` from the PubAck's sequence (SPEC's id rule, the same on both paths).
 //! Duplicates inside a partly new array are left in the message: the intake drops them by the
 //! same record check, and the reply lists them.
+//!
+//! Unique keys (`unique_key`) are claimed here, before publishing, so a second submission within
+//! the window gets a `duplicate` error reply rather than a rejected record later. The claims
+//! carry a random token that the published message repeats in `Drover-Unique-Claim`, so the
+//! intake recognises them as this submission's own (see [`crate::delays`]).
 
 use super::request::{self, PLACEHOLDER_SEQ, PlannedId, SubmitReply};
 use super::{Api, to_reply, unavailable};
+use crate::delays::unique::ClaimResult;
+use crate::delays::{self, Claim, HDR_UNIQUE_CLAIM};
 use crate::intake::{self, IntakeLimits};
 use async_nats::{HeaderMap, Message};
 use drover_shared::error::ApiError;
@@ -55,16 +62,31 @@ impl Api {
             if let Some(m) = request::forward_msg_id(msg_id.as_deref(), &planned) {
                 headers.insert("Nats-Msg-Id", m);
             }
-            let ack = self
-                .ctx
-                .js
-                .publish_with_headers(names.submit_subject(queue), headers, msg.payload.clone())
-                .await
-                .map_err(|e| unavailable("cannot publish the submission", e))?
-                .await
-                .map_err(|e| {
-                    unavailable("the submission was not stored in the intake stream", e)
-                })?;
+            let claimed = self.claim_unique(queue, &accepted, &planned).await?;
+            if let Some((token, _)) = &claimed {
+                headers.insert(HDR_UNIQUE_CLAIM, token.as_str());
+            }
+            let published = async {
+                self.ctx
+                    .js
+                    .publish_with_headers(names.submit_subject(queue), headers, msg.payload.clone())
+                    .await
+                    .map_err(|e| unavailable("cannot publish the submission", e))?
+                    .await
+                    .map_err(|e| {
+                        unavailable("the submission was not stored in the intake stream", e)
+                    })
+            }
+            .await;
+            let ack = match published {
+                Ok(ack) => ack,
+                Err(e) => {
+                    if let Some((_, keys)) = &claimed {
+                        self.release(keys).await;
+                    }
+                    return Err(e);
+                }
+            };
             let ids: Vec<String> = planned.iter().map(|p| p.resolve(ack.sequence)).collect();
             if ack.duplicate {
                 // The stream holds this message already (same Nats-Msg-Id within its duplicate
@@ -79,6 +101,58 @@ impl Api {
             queue,
             duplicates: &duplicates,
         })
+    }
+
+    /// Claims the unique keys of `accepted`'s tasks under a fresh token; `None` when no task has
+    /// one. A key held by another task answers `duplicate` (and gives back what was claimed).
+    async fn claim_unique(
+        &self,
+        queue: &str,
+        accepted: &intake::Accepted,
+        planned: &[PlannedId],
+    ) -> Result<Option<(String, Vec<String>)>, ApiError> {
+        if accepted.plans.iter().all(|p| p.unique.is_none()) {
+            return Ok(None);
+        }
+        let token = format!("{:032x}", rand::random::<u128>());
+        let now_ms = chrono::Utc::now().timestamp_millis();
+        let mut keys = Vec::new();
+        for (index, (plan, id)) in accepted.plans.iter().zip(planned).enumerate() {
+            let Some(window) = &plan.unique else { continue };
+            let key = delays::unique_kv_key(queue, &window.key);
+            let claim = Claim::new(queue, window, id.known(), Some(&token), now_ms);
+            let result = self
+                .unique
+                .claim(
+                    &key,
+                    &claim,
+                    delays::ttl_secs(window.window_ms),
+                    id.known(),
+                    Some(&token),
+                )
+                .await;
+            match result {
+                Ok(ClaimResult::Claimed | ClaimResult::Own) => keys.push(key),
+                Ok(ClaimResult::Taken(holder)) => {
+                    self.release(&keys).await;
+                    return Err(holder.duplicate_error((planned.len() > 1).then_some(index)));
+                }
+                Err(e) => {
+                    self.release(&keys).await;
+                    return Err(unavailable("cannot claim the unique key", e));
+                }
+            }
+        }
+        Ok(Some((token, keys)))
+    }
+
+    /// Gives back unique keys claimed for a submission that was not stored after all.
+    async fn release(&self, keys: &[String]) {
+        for key in keys {
+            if let Err(e) = self.unique.release(key).await {
+                tracing::warn!(key = %key, error = %e, "cannot release a unique key; it expires with its window");
+            }
+        }
     }
 
     /// The known ids that already have a record (any entry on the key, as the intake's create
