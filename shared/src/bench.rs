@@ -49,8 +49,8 @@ pub fn noop_task(i: usize, id: Option<&str>) -> serde_json::Value {
         task["id"] = id.into();
     }
     let len = serde_json::to_vec(&task).map_or(0, |v| v.len());
-    // `,"pad":""` adds 10 bytes before the padding itself.
-    let pad = PAYLOAD_BYTES.saturating_sub(len + 10);
+    // `,"pad":""` adds 9 bytes before the padding itself.
+    let pad = PAYLOAD_BYTES.saturating_sub(len + 9);
     task["payload"]["pad"] = "x".repeat(pad).into();
     task
 }

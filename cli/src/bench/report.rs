@@ -178,7 +178,7 @@ impl Report {
     pub fn render_table(&self) -> String {
         let m = &self.machine;
         let mut out = format!(
-            "machine   {} × {} , {} GiB, Linux {}, load {:.1} at start ({})\nserver    nats-server {} ({})\nraw       publish {} msgs/s, publish+consume+ack {} msgs/s ({} × {} B)\n\n",
+            "machine   {} × {}, {} GiB, Linux {}, load {:.1} at start ({})\nserver    nats-server {} ({})\nraw       publish {} msgs/s, publish+consume+ack {} msgs/s ({} × {} B)\n\n",
             m.cpus,
             m.cpu,
             m.memory_gib,
