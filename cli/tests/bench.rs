@@ -93,8 +93,14 @@ fn every_scenario_reports_sane_json() {
     let rates = by("latency")["detail"]["rates"].as_array().unwrap();
     assert_eq!(rates.len(), 2);
     for r in rates {
-        assert!(r["submit_to_start_ms"]["count"].as_u64().unwrap() > 0, "{r}");
-        assert!(r["submit_to_succeeded_ms"]["p99"].as_f64().unwrap() > 0.0, "{r}");
+        assert!(
+            r["submit_to_start_ms"]["count"].as_u64().unwrap() > 0,
+            "{r}"
+        );
+        assert!(
+            r["submit_to_succeeded_ms"]["p99"].as_f64().unwrap() > 0.0,
+            "{r}"
+        );
     }
     let failover = &by("failover")["detail"];
     for signal in ["sigkill", "sigterm"] {
@@ -105,7 +111,10 @@ fn every_scenario_reports_sane_json() {
     assert!(failover["submitted"].as_u64().unwrap() > 0);
     let recovery = &by("recovery")["detail"];
     assert!(recovery["tasks_moved"].as_u64().unwrap() > 0, "{recovery}");
-    assert!(recovery["restart_ms"]["count"].as_u64().unwrap() > 0, "{recovery}");
+    assert!(
+        recovery["restart_ms"]["count"].as_u64().unwrap() > 0,
+        "{recovery}"
+    );
     let memory = &by("memory")["detail"];
     for k in ["dispatcher_idle_mib", "worker_idle_mib", "worker_peak_mib"] {
         assert!(memory[k].as_f64().unwrap() > 1.0, "{memory}");
@@ -113,7 +122,10 @@ fn every_scenario_reports_sane_json() {
 
     for plot in ["throughput.svg", "latency.svg"] {
         let svg = std::fs::read_to_string(plots.path().join(plot)).unwrap();
-        assert!(svg.contains("<svg") && svg.contains("drover bench"), "{plot}");
+        assert!(
+            svg.contains("<svg") && svg.contains("drover bench"),
+            "{plot}"
+        );
     }
 }
 

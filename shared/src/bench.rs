@@ -266,7 +266,12 @@ mod tests {
     fn noop_bodies_have_the_benchmark_size() {
         for (i, id) in [(0, None), (123_456, Some("b1-throughput-123456"))] {
             let body = serde_json::to_vec(&noop_task(i, id)).unwrap();
-            assert_eq!(body.len(), PAYLOAD_BYTES, "{}", String::from_utf8_lossy(&body));
+            assert_eq!(
+                body.len(),
+                PAYLOAD_BYTES,
+                "{}",
+                String::from_utf8_lossy(&body)
+            );
         }
     }
 
@@ -274,7 +279,10 @@ mod tests {
     fn nearest_rank_percentiles() {
         let mut s: Vec<f64> = (1..=100).map(f64::from).collect();
         let sum = Summary::of(&mut s).unwrap();
-        assert_eq!((sum.p50, sum.p90, sum.p99, sum.max), (50.0, 90.0, 99.0, 100.0));
+        assert_eq!(
+            (sum.p50, sum.p90, sum.p99, sum.max),
+            (50.0, 90.0, 99.0, 100.0)
+        );
         assert_eq!(percentile(&[7.0], 0.99), 7.0);
         assert!(Summary::of(&mut []).is_none());
     }

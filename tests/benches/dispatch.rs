@@ -128,9 +128,11 @@ async fn main() {
         let publish = tokio::spawn({
             let js = js.clone();
             let bodies = bodies.clone();
-            async move { publish_all(&js, &subject, bodies, |_| {})
+            async move {
+                publish_all(&js, &subject, bodies, |_| {})
                     .await
-                    .expect("publish") }
+                    .expect("publish")
+            }
         });
         let took = await_dispatched(&mut sub, n, started).await;
         let published = publish.await.unwrap();
@@ -150,9 +152,14 @@ async fn main() {
         wait_leader(&js, &names, None, Duration::from_secs(30)).await;
         first.terminate(Duration::from_secs(10));
         tokio::time::sleep(Duration::from_millis(200)).await;
-        publish_all(&js, &names.submit_subject("default"), bodies.clone(), |_| {})
-            .await
-            .expect("publish");
+        publish_all(
+            &js,
+            &names.submit_subject("default"),
+            bodies.clone(),
+            |_| {},
+        )
+        .await
+        .expect("publish");
         let mut sub = client.subscribe(names.subject("work.>")).await.unwrap();
         client.flush().await.unwrap();
         let _d = dispatcher("bb1", &url, names.prefix());
@@ -190,9 +197,11 @@ async fn main() {
         let subject = names.submit_subject("default");
         let publish = tokio::spawn({
             let js = js.clone();
-            async move { publish_all(&js, &subject, arrays, |_| {})
+            async move {
+                publish_all(&js, &subject, arrays, |_| {})
                     .await
-                    .expect("publish") }
+                    .expect("publish")
+            }
         });
         let took = await_dispatched(&mut sub, n / 100 * 100, started).await;
         publish.await.unwrap();

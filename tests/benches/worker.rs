@@ -162,7 +162,10 @@ async fn main() {
     );
     tokio::time::sleep(Duration::from_secs(3)).await;
     let pid = w.pid().expect("worker runs");
-    println!("| worker RSS, idle | {:.1} MiB |", rss_mib(pid).unwrap_or(f64::NAN));
+    println!(
+        "| worker RSS, idle | {:.1} MiB |",
+        rss_mib(pid).unwrap_or(f64::NAN)
+    );
     let mut sub = client.subscribe(names.subject("outcome.>")).await.unwrap();
     client.flush().await.unwrap();
     backlog(

@@ -112,7 +112,11 @@ pub(crate) async fn run(target: &Target, args: &BenchArgs) -> anyhow::Result<Sec
             } else {
                 (300.0, "≤ 300 ms")
             };
-            rows.push(Row::plain(format!("{label} → next envelope p50"), s.p50, "ms"));
+            rows.push(Row::plain(
+                format!("{label} → next envelope p50"),
+                s.p50,
+                "ms",
+            ));
             rows.push(
                 Row::plain(format!("{label} → next envelope p99"), s.p99, "ms")
                     .target(format!("p99 {text}"), s.p99 <= goal),
@@ -186,7 +190,10 @@ async fn trickle(
         if due > Instant::now() {
             tokio::time::sleep_until(due.into()).await;
         }
-        let body = Bytes::from(serde_json::to_vec(&noop_task(i, Some(&format!("{tag}-{i}"))))?);
+        let body = Bytes::from(serde_json::to_vec(&noop_task(
+            i,
+            Some(&format!("{tag}-{i}")),
+        ))?);
         let ack = js.publish(subject.clone(), body.clone()).await?;
         tx.send((body, ack))
             .map_err(|_| anyhow::anyhow!("the PubAck task ended"))?;

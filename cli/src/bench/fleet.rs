@@ -244,10 +244,7 @@ impl Fleet {
 
     /// The current leader, if one holds the lease.
     pub async fn leader(&self, js: &jetstream::Context) -> Option<Leader> {
-        let kv = js
-            .get_key_value(self.names.bucket("election"))
-            .await
-            .ok()?;
+        let kv = js.get_key_value(self.names.bucket("election")).await.ok()?;
         let v = kv.get("leader").await.ok()??;
         serde_json::from_slice(&v).ok()
     }
@@ -360,12 +357,22 @@ impl RecordView<'_> {
 }
 
 /// A watch of every new record revision of `drover-tasks` from now on.
-pub(crate) async fn watch_records(js: &jetstream::Context, names: &Names) -> anyhow::Result<kv::Watch> {
+pub(crate) async fn watch_records(
+    js: &jetstream::Context,
+    names: &Names,
+) -> anyhow::Result<kv::Watch> {
     let kv = js
         .get_key_value(names.bucket("tasks"))
         .await
-        .with_context(|| format!("no {} bucket: is the fleet provisioned?", names.bucket("tasks")))?;
-    kv.watch_all().await.context("cannot watch the task records")
+        .with_context(|| {
+            format!(
+                "no {} bucket: is the fleet provisioned?",
+                names.bucket("tasks")
+            )
+        })?;
+    kv.watch_all()
+        .await
+        .context("cannot watch the task records")
 }
 
 /// Follows `watch` until every id in `ids` is terminal (or nothing new arrived for `stall`);
@@ -426,8 +433,7 @@ pub(crate) fn count_outcomes(
                     break;
                 }
             }
-            let entry = match tokio::time::timeout(Duration::from_millis(500), watch.next()).await
-            {
+            let entry = match tokio::time::timeout(Duration::from_millis(500), watch.next()).await {
                 Err(_) => continue,
                 Ok(None) => bail!("the record watch ended"),
                 Ok(Some(Err(e))) => bail!("the record watch failed: {e}"),

@@ -170,7 +170,8 @@ async fn paced(
             t[i] = Some((Instant::now(), wall_ms()));
         }
         let ack = js.publish(subject.clone(), body).await?;
-        tx.send(ack).map_err(|_| anyhow::anyhow!("the PubAck task ended"))?;
+        tx.send(ack)
+            .map_err(|_| anyhow::anyhow!("the PubAck task ended"))?;
     }
     drop(tx);
     acks.await??;

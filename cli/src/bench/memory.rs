@@ -91,17 +91,28 @@ pub(crate) async fn run(target: &Target, args: &BenchArgs) -> anyhow::Result<Sec
         stop.store(true, Ordering::Relaxed);
         let peak = sampler.await?;
         let rows = vec![
-            Row::plain("worker RSS, idle", idle.1, "MiB")
-                .target(format!("< {WORKER_IDLE_MIB:.0} MB"), mb(idle.1) < WORKER_IDLE_MIB),
-            Row::plain("dispatcher RSS, idle", idle.0, "MiB")
-                .target(format!("< {DISPATCHER_MIB:.0} MB"), mb(idle.0) < DISPATCHER_MIB),
-            Row::plain(format!("worker RSS, peak through a {n}-task backlog"), peak.1, "MiB"),
+            Row::plain("worker RSS, idle", idle.1, "MiB").target(
+                format!("< {WORKER_IDLE_MIB:.0} MB"),
+                mb(idle.1) < WORKER_IDLE_MIB,
+            ),
+            Row::plain("dispatcher RSS, idle", idle.0, "MiB").target(
+                format!("< {DISPATCHER_MIB:.0} MB"),
+                mb(idle.0) < DISPATCHER_MIB,
+            ),
+            Row::plain(
+                format!("worker RSS, peak through a {n}-task backlog"),
+                peak.1,
+                "MiB",
+            ),
             Row::plain(
                 format!("dispatcher RSS, peak through a {n}-task backlog"),
                 peak.0,
                 "MiB",
             )
-            .target(format!("< {DISPATCHER_MIB:.0} MB"), mb(peak.0) < DISPATCHER_MIB),
+            .target(
+                format!("< {DISPATCHER_MIB:.0} MB"),
+                mb(peak.0) < DISPATCHER_MIB,
+            ),
         ];
         Ok::<_, anyhow::Error>(Section {
             scenario: "memory".into(),

@@ -134,11 +134,10 @@ pub(crate) fn progress(len: u64, what: &str) -> ProgressBar {
     if !std::io::stderr().is_terminal() {
         return ProgressBar::hidden();
     }
-    let style = ProgressStyle::with_template(
-        "{msg:>24} [{bar:32}] {pos}/{len} {per_sec} eta {eta}",
-    )
-    .map(|s| s.progress_chars("=> "))
-    .unwrap_or_else(|_| ProgressStyle::default_bar());
+    let style =
+        ProgressStyle::with_template("{msg:>24} [{bar:32}] {pos}/{len} {per_sec} eta {eta}")
+            .map(|s| s.progress_chars("=> "))
+            .unwrap_or_else(|_| ProgressStyle::default_bar());
     let bar = ProgressBar::new(len).with_style(style);
     bar.set_message(what.to_owned());
     bar.enable_steady_tick(Duration::from_millis(200));

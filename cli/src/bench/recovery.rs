@@ -70,7 +70,9 @@ pub(crate) async fn run(target: &Target, args: &BenchArgs) -> anyhow::Result<Sec
         let (mut times, mut lost, mut moved) = (Vec::new(), 0, 0);
         let mut trials = Vec::new();
         for trial in 0..args.trials {
-            let ids: Vec<String> = (0..PER_TRIAL).map(|i| format!("{tag}{trial}-{i}")).collect();
+            let ids: Vec<String> = (0..PER_TRIAL)
+                .map(|i| format!("{tag}{trial}-{i}"))
+                .collect();
             let body: Vec<serde_json::Value> = ids
                 .iter()
                 .map(|id| serde_json::json!({"type":"sleep","id":id,"payload":{"ms":SLEEP_MS}}))
@@ -170,7 +172,11 @@ pub(crate) async fn run(target: &Target, args: &BenchArgs) -> anyhow::Result<Sec
         let mut rows = Vec::new();
         let summary = Summary::of(&mut times);
         if let Some(s) = summary {
-            rows.push(Row::plain("worker SIGKILL → task restarted p50", s.p50, "ms"));
+            rows.push(Row::plain(
+                "worker SIGKILL → task restarted p50",
+                s.p50,
+                "ms",
+            ));
             rows.push(
                 Row::plain("worker SIGKILL → task restarted p99", s.p99, "ms").target(
                     format!("p99 ≤ worker TTL + 1 s ({goal:.0} ms)"),
@@ -200,7 +206,10 @@ pub(crate) async fn run(target: &Target, args: &BenchArgs) -> anyhow::Result<Sec
 }
 
 /// The next record revision, or an error at `deadline`.
-async fn next(events: &mut mpsc::UnboundedReceiver<Seen>, deadline: Instant) -> anyhow::Result<Seen> {
+async fn next(
+    events: &mut mpsc::UnboundedReceiver<Seen>,
+    deadline: Instant,
+) -> anyhow::Result<Seen> {
     match tokio::time::timeout_at(deadline.into(), events.recv()).await {
         Ok(Some(seen)) => Ok(seen),
         Ok(None) => bail!("the record watch ended"),

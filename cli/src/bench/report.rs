@@ -249,8 +249,11 @@ pub(crate) fn plot(report: &Report, dir: &Path) -> anyhow::Result<Vec<PathBuf>> 
     let path = dir.join("throughput.svg");
     throughput_svg(&path, &bars).map_err(|e| anyhow::anyhow!("plotting throughput: {e}"))?;
     written.push(path);
-    let curves: Vec<&(String, Vec<f64>)> =
-        report.sections.iter().flat_map(|s| s.curves.iter()).collect();
+    let curves: Vec<&(String, Vec<f64>)> = report
+        .sections
+        .iter()
+        .flat_map(|s| s.curves.iter())
+        .collect();
     if !curves.is_empty() {
         let path = dir.join("latency.svg");
         latency_svg(&path, &curves).map_err(|e| anyhow::anyhow!("plotting latency: {e}"))?;
@@ -289,7 +292,10 @@ fn throughput_svg(path: &Path, bars: &[(String, f64)]) -> PlotResult {
             RGBColor(40, 100, 180)
         };
         let mut bar = Rectangle::new(
-            [(0.0, SegmentValue::Exact(i)), (*v, SegmentValue::Exact(i + 1))],
+            [
+                (0.0, SegmentValue::Exact(i)),
+                (*v, SegmentValue::Exact(i + 1)),
+            ],
             color.filled(),
         );
         bar.set_margin(5, 5, 0, 0);

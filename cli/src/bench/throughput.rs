@@ -2,9 +2,9 @@
 //! (pipelined PubAcks), one task or an array of K per message; the clock runs from the first
 //! submit to the last `succeeded` record seen by a watch on `drover-tasks`.
 
+use super::BenchArgs;
 use super::fleet::{QUEUE, Target, follow_until_done, watch_records};
 use super::report::{Row, Section};
-use super::BenchArgs;
 use bytes::Bytes;
 use drover_shared::bench::{RawBaseline, noop_task, publish_all};
 use std::collections::HashSet;
@@ -56,10 +56,8 @@ pub(crate) async fn run(
             let js = target.js.clone();
             async move { publish_all(&js, &subject, bodies, |_| {}).await }
         });
-        let (ok, failed, last) = follow_until_done(&mut watch, &mut pending, STALL, |_, _, _| {
-            bar.inc(1)
-        })
-        .await?;
+        let (ok, failed, last) =
+            follow_until_done(&mut watch, &mut pending, STALL, |_, _, _| bar.inc(1)).await?;
         bar.finish_and_clear();
         let submit_took = publisher.await??;
         let took = last.map_or(started.elapsed(), |l| l - started);
@@ -70,12 +68,20 @@ pub(crate) async fn run(
         } else {
             format!("e2e, arrays of {array}")
         };
-        let (goal, x) = if array == 1 { (0.5, "0.5") } else { (1.0, "1.0") };
+        let (goal, x) = if array == 1 {
+            (0.5, "0.5")
+        } else {
+            (1.0, "1.0")
+        };
         let met = rate >= goal * raw.publish_consume_rate;
         let rows = vec![
             Row::rate(format!("{what} ({n} noop tasks)"), rate, raw)
                 .target(format!("≥ {x} × raw publish+consume"), met),
-            Row::rate(format!("submit rate ({messages} messages)"), submit_rate, raw),
+            Row::rate(
+                format!("submit rate ({messages} messages)"),
+                submit_rate,
+                raw,
+            ),
         ];
         Ok::<_, anyhow::Error>(Section {
             scenario: format!("throughput-{label}"),
