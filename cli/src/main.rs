@@ -1,5 +1,7 @@
-//! `drover`: submit, inspect and operate a Drover fleet, and run one locally (`drover up`).
+//! `drover`: submit, inspect and operate a Drover fleet, run one locally (`drover up`), and
+//! benchmark one (`drover bench`).
 
+mod bench;
 mod cmd;
 mod local;
 
@@ -67,6 +69,8 @@ enum Command {
     Dlq(cmd::dlq::DlqCommand),
     /// Open a sealed envelope of the work stream by stream sequence.
     Inspect(cmd::inspect::InspectArgs),
+    /// Load-test a fleet (spawned locally by default) next to raw JetStream on the same server.
+    Bench(bench::BenchArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -154,6 +158,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Dlq(a) => Ok(finish(cmd::dlq::run(a).await)),
         Command::Inspect(a) => Ok(finish(cmd::inspect::run(a).await)),
         Command::Up(args) => local::up(args).await,
+        Command::Bench(args) => bench::run(args).await,
         Command::Init { connect, replicas } => {
             let names = connect.names()?;
             let client = match drover_shared::connect::connect(

@@ -1,7 +1,7 @@
 //! # drover-shared
 //!
 //! The protocol core every Drover component and client builds on. Everything here except
-//! [`connect`], [`topology`] and [`ops`] is pure: plain functions over bytes and values, no tokio,
+//! [`connect`], [`topology`], [`ops`] and [`bench`] is pure: plain functions over bytes and values, no tokio,
 //! no NATS.
 //!
 //! | module | what it holds | SPEC |
@@ -20,7 +20,10 @@
 //! | [`connect`] | NATS adapter: opening the connection | §10 |
 //! | [`topology`] | NATS adapter: stream/KV/consumer definitions and idempotent provisioning | §2 |
 //! | [`ops`] | I/O adapter: the `/metrics`, `/healthz`, `/readyz` HTTP server, `Health`, the metric registry | §9 |
+//! | [`bench`] | NATS adapter for load generation: pipelined publishing, the raw JetStream baseline, percentiles, RSS (`drover bench`, `cargo bench`) | — |
 
+#[cfg(feature = "nats")]
+pub mod bench;
 pub mod config;
 #[cfg(feature = "nats")]
 pub mod connect;

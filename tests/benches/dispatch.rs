@@ -7,16 +7,16 @@
 //! (default 20; 0 skips the fail-over trials). Prints numbers; asserts nothing about speed.
 
 use async_nats::HeaderMap;
-use async_nats::jetstream::{self, stream};
+use async_nats::jetstream;
 use bytes::Bytes;
+use drover_shared::bench::{
+    PAYLOAD_BYTES, WINDOW, js_context, noop_task, percentile, publish_all, raw_baseline,
+};
 use drover_shared::names::Names;
 use drover_tests::observe::{leader_value, wait_leader};
 use drover_tests::{DroverProcess, NatsServer, TEST_KEYS};
 use futures::StreamExt;
 use std::time::{Duration, Instant};
-
-const PAYLOAD_BYTES: usize = 200;
-const WINDOW: usize = 4_096;
 
 fn env_usize(name: &str, default: usize) -> usize {
     std::env::var(name)
@@ -51,29 +51,6 @@ fn dispatcher(name: &str, url: &str, prefix: &str) -> DroverProcess {
     )
 }
 
-/// A 200-byte `noop` task; `i` makes each one distinct.
-fn task_json(i: usize) -> serde_json::Value {
-    let pad = "x".repeat(PAYLOAD_BYTES.saturating_sub(40));
-    serde_json::json!({"type": "noop", "payload": {"i": i, "pad": pad}})
-}
-
-/// Publishes `bodies` to `subject` with up to [`WINDOW`] PubAcks outstanding; returns the time
-/// it took until the last PubAck.
-async fn publish_all(js: &jetstream::Context, subject: &str, bodies: Vec<Bytes>) -> Duration {
-    let started = Instant::now();
-    let mut acks = std::collections::VecDeque::new();
-    for body in bodies {
-        acks.push_back(js.publish(subject.to_owned(), body).await.expect("publish"));
-        while acks.len() >= WINDOW {
-            acks.pop_front().unwrap().await.expect("puback");
-        }
-    }
-    for a in acks {
-        a.await.expect("puback");
-    }
-    started.elapsed()
-}
-
 /// Counts tasks in envelopes seen on `<prefix>.work.>` until `n` arrived; returns the time from
 /// `since` to the last one.
 async fn await_dispatched(sub: &mut async_nats::Subscriber, n: usize, since: Instant) -> Duration {
@@ -95,23 +72,11 @@ fn count_of(headers: Option<&HeaderMap>) -> usize {
         .unwrap_or(0)
 }
 
-fn js_context(client: async_nats::Client) -> jetstream::Context {
-    jetstream::ContextBuilder::new()
-        .max_ack_inflight(WINDOW)
-        .backpressure_on_inflight(true)
-        .build(client)
-}
-
 struct Row {
     name: String,
     rate: f64,
     ratio: Option<f64>,
     note: String,
-}
-
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    let idx = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[idx.min(sorted.len() - 1)]
 }
 
 #[tokio::main]
@@ -126,75 +91,30 @@ async fn main() {
     let js = js_context(client.clone());
     let mut rows = Vec::new();
 
-    // Raw JetStream: the same 200-byte bodies, pipelined, into a scratch file stream.
-    js.create_stream(stream::Config {
-        name: "BENCH_RAW".into(),
-        subjects: vec!["bench.raw".into()],
-        storage: stream::StorageType::File,
-        ..Default::default()
-    })
-    .await
-    .unwrap();
+    // Raw JetStream, the same 200-byte bodies on scratch streams (drover_shared::bench, also
+    // what `drover bench` runs): pipelined publish, and publish + pull-consume + ack
+    // concurrently on a work queue (one queue hop, the floor under any dispatcher that consumes
+    // an intake).
     let bodies: Vec<Bytes> = (0..n)
-        .map(|i| serde_json::to_vec(&task_json(i)).unwrap().into())
+        .map(|i| serde_json::to_vec(&noop_task(i, None)).unwrap().into())
         .collect();
-    let raw = publish_all(&js, "bench.raw", bodies.clone()).await;
-    let raw_rate = n as f64 / raw.as_secs_f64();
+    let raw = raw_baseline(&js, "bench_raw", &bodies, |_, _| {})
+        .await
+        .expect("raw baseline");
+    let raw_rate = raw.publish_rate;
+    let consume_rate = raw.publish_consume_rate;
     rows.push(Row {
         name: format!("raw JetStream publish ({PAYLOAD_BYTES} B, {WINDOW} acks in flight)"),
         rate: raw_rate,
         ratio: None,
-        note: format!("{n} msgs in {raw:.2?}"),
+        note: format!("{n} msgs"),
     });
-
-    // Raw JetStream publish + pull-consume + ack, concurrently, on a work-queue stream: what one
-    // hop of a queue costs, the floor under any dispatcher that consumes an intake.
-    let consume_rate = {
-        let stream = js
-            .create_stream(stream::Config {
-                name: "BENCH_RAW_WQ".into(),
-                subjects: vec!["bench.wq".into()],
-                storage: stream::StorageType::File,
-                retention: stream::RetentionPolicy::WorkQueue,
-                ..Default::default()
-            })
-            .await
-            .unwrap();
-        let consumer = stream
-            .create_consumer(jetstream::consumer::pull::Config {
-                durable_name: Some("bench".into()),
-                ack_policy: jetstream::consumer::AckPolicy::Explicit,
-                max_ack_pending: 20_000,
-                ..Default::default()
-            })
-            .await
-            .unwrap();
-        let started = Instant::now();
-        let publish = tokio::spawn({
-            let (js, bodies) = (js.clone(), bodies.clone());
-            async move { publish_all(&js, "bench.wq", bodies).await }
-        });
-        let mut messages = consumer
-            .stream()
-            .max_messages_per_batch(512)
-            .messages()
-            .await
-            .unwrap();
-        for _ in 0..n {
-            let m = messages.next().await.unwrap().unwrap();
-            m.ack().await.unwrap();
-        }
-        let took = started.elapsed();
-        publish.await.unwrap();
-        let rate = n as f64 / took.as_secs_f64();
-        rows.push(Row {
-            name: "raw JetStream publish + pull-consume + ack (concurrent, work queue)".into(),
-            rate,
-            ratio: Some(rate / raw_rate),
-            note: format!("{n} msgs in {took:.2?}"),
-        });
-        rate
-    };
+    rows.push(Row {
+        name: "raw JetStream publish + pull-consume + ack (concurrent, work queue)".into(),
+        rate: consume_rate,
+        ratio: Some(consume_rate / raw_rate),
+        note: format!("{n} msgs"),
+    });
 
     // Single submits, published while the leader dispatches: submit → durable envelope.
     {
@@ -208,7 +128,11 @@ async fn main() {
         let publish = tokio::spawn({
             let js = js.clone();
             let bodies = bodies.clone();
-            async move { publish_all(&js, &subject, bodies).await }
+            async move {
+                publish_all(&js, &subject, bodies, |_| {})
+                    .await
+                    .expect("publish")
+            }
         });
         let took = await_dispatched(&mut sub, n, started).await;
         let published = publish.await.unwrap();
@@ -228,7 +152,14 @@ async fn main() {
         wait_leader(&js, &names, None, Duration::from_secs(30)).await;
         first.terminate(Duration::from_secs(10));
         tokio::time::sleep(Duration::from_millis(200)).await;
-        publish_all(&js, &names.submit_subject("default"), bodies.clone()).await;
+        publish_all(
+            &js,
+            &names.submit_subject("default"),
+            bodies.clone(),
+            |_| {},
+        )
+        .await
+        .expect("publish");
         let mut sub = client.subscribe(names.subject("work.>")).await.unwrap();
         client.flush().await.unwrap();
         let _d = dispatcher("bb1", &url, names.prefix());
@@ -256,7 +187,7 @@ async fn main() {
         wait_leader(&js, &names, None, Duration::from_secs(30)).await;
         let arrays: Vec<Bytes> = (0..n / 100)
             .map(|a| {
-                let arr: Vec<_> = (0..100).map(|j| task_json(a * 100 + j)).collect();
+                let arr: Vec<_> = (0..100).map(|j| noop_task(a * 100 + j, None)).collect();
                 serde_json::to_vec(&arr).unwrap().into()
             })
             .collect();
@@ -266,7 +197,11 @@ async fn main() {
         let subject = names.submit_subject("default");
         let publish = tokio::spawn({
             let js = js.clone();
-            async move { publish_all(&js, &subject, arrays).await }
+            async move {
+                publish_all(&js, &subject, arrays, |_| {})
+                    .await
+                    .expect("publish")
+            }
         });
         let took = await_dispatched(&mut sub, n / 100 * 100, started).await;
         publish.await.unwrap();
@@ -315,7 +250,7 @@ async fn main() {
             async move {
                 let mut i = 0usize;
                 loop {
-                    let body: Bytes = serde_json::to_vec(&task_json(i)).unwrap().into();
+                    let body: Bytes = serde_json::to_vec(&noop_task(i, None)).unwrap().into();
                     let _ = js.publish(subject.clone(), body).await;
                     i += 1;
                     tokio::time::sleep(Duration::from_millis(2)).await;

@@ -8,6 +8,7 @@
 //! counted. Environment: `DROVER_BENCH_TASKS` (default 50,000). Asserts nothing about speed.
 
 use async_nats::jetstream;
+use drover_shared::bench::rss_mib;
 use drover_shared::names::Names;
 use drover_tests::observe::wait_leader;
 use drover_tests::{DroverProcess, NatsServer, TEST_KEYS};
@@ -46,18 +47,6 @@ fn component(
         ],
         &env,
     )
-}
-
-/// Resident set size of `pid` in MiB.
-fn rss_mib(pid: u32) -> f64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("VmRSS:"))
-                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
-        })
-        .map_or(f64::NAN, |kb| kb / 1024.0)
 }
 
 /// Submits `n` tasks built by `task` in arrays of 100 and waits until all sit in `DROVER_WORK`.
@@ -173,7 +162,10 @@ async fn main() {
     );
     tokio::time::sleep(Duration::from_secs(3)).await;
     let pid = w.pid().expect("worker runs");
-    println!("| worker RSS, idle | {:.1} MiB |", rss_mib(pid));
+    println!(
+        "| worker RSS, idle | {:.1} MiB |",
+        rss_mib(pid).unwrap_or(f64::NAN)
+    );
     let mut sub = client.subscribe(names.subject("outcome.>")).await.unwrap();
     client.flush().await.unwrap();
     backlog(
@@ -184,7 +176,7 @@ async fn main() {
     )
     .await;
     tokio::time::sleep(Duration::from_millis(2500)).await;
-    let busy = rss_mib(pid);
+    let busy = rss_mib(pid).unwrap_or(f64::NAN);
     let kv = js.get_key_value(names.bucket("workers")).await.unwrap();
     let running = kv
         .get("bmem-w")

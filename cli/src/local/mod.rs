@@ -52,7 +52,7 @@ pub struct UpArgs {
 
 /// Envelope keys for the local fleet: `DROVER_KEYS` if set, else `<dir>/keys`, made on first use
 /// (readable by this user only).
-fn local_keys(dir: &Path) -> anyhow::Result<String> {
+pub(crate) fn local_keys(dir: &Path) -> anyhow::Result<String> {
     if let Ok(k) = std::env::var(KEYS_ENV)
         && !k.trim().is_empty()
     {
@@ -75,14 +75,22 @@ fn local_keys(dir: &Path) -> anyhow::Result<String> {
     Ok(ring.to_env_string())
 }
 
-/// A Drover component started by `drover up`, stopped with SIGTERM when the fleet stops.
-struct Component {
+/// A Drover component started by `drover up` (or `drover bench`), stopped with SIGTERM when the
+/// fleet stops.
+pub(crate) struct Component {
     name: String,
     child: Child,
 }
 
 impl Component {
-    fn start(bin: &str, name: &str, dir: &Path, env: &[(&str, &str)]) -> anyhow::Result<Self> {
+    /// Starts binary `bin` (beside this executable) as `--id <name>`, logging to
+    /// `<dir>/<name>.log`.
+    pub(crate) fn start(
+        bin: &str,
+        name: &str,
+        dir: &Path,
+        env: &[(&str, &str)],
+    ) -> anyhow::Result<Self> {
         let exe = std::env::current_exe()?.with_file_name(bin);
         if !exe.is_file() {
             bail!(
@@ -112,9 +120,40 @@ impl Component {
         })
     }
 
-    async fn stop(mut self) {
+    /// SIGTERM, then up to 10 s, then SIGKILL.
+    pub(crate) async fn stop(mut self) {
         if !terminate(&mut self.child).await {
             eprintln!("{} did not stop in 10 s; killed it", self.name);
+        }
+    }
+
+    /// The `--id` it was started with.
+    pub(crate) fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Its process id while it runs.
+    pub(crate) fn pid(&self) -> Option<u32> {
+        self.child.id()
+    }
+
+    /// Sends `signal` (e.g. `libc::SIGKILL`) without waiting.
+    pub(crate) fn signal(&self, signal: i32) {
+        if let Some(pid) = self.child.id() {
+            // SAFETY: kill(2) on our own child's pid.
+            unsafe {
+                libc::kill(pid as i32, signal);
+            }
+        }
+    }
+
+    /// Waits up to `timeout` for it to exit (after a signal), then kills it.
+    pub(crate) async fn reap(mut self, timeout: Duration) {
+        if tokio::time::timeout(timeout, self.child.wait())
+            .await
+            .is_err()
+        {
+            let _ = self.child.kill().await;
         }
     }
 }
@@ -140,7 +179,7 @@ async fn terminate(child: &mut Child) -> bool {
 
 /// The project checkout: the directory holding `nats/install.sh`, searched from the current
 /// directory upwards, then where this binary was built from.
-fn project_root() -> anyhow::Result<PathBuf> {
+pub(crate) fn project_root() -> anyhow::Result<PathBuf> {
     let cwd = std::env::current_dir()?;
     let built_from = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     cwd.ancestors()
@@ -151,7 +190,7 @@ fn project_root() -> anyhow::Result<PathBuf> {
 }
 
 /// Runs `nats/install.sh` (idempotent) and returns the binary it reports.
-async fn install_nats(root: &Path) -> anyhow::Result<PathBuf> {
+pub(crate) async fn install_nats(root: &Path) -> anyhow::Result<PathBuf> {
     let out = Command::new("bash")
         .arg(root.join("nats/install.sh"))
         .stderr(Stdio::inherit())
@@ -166,7 +205,7 @@ async fn install_nats(root: &Path) -> anyhow::Result<PathBuf> {
     Ok(PathBuf::from(path))
 }
 
-fn port_free(port: u16) -> bool {
+pub(crate) fn port_free(port: u16) -> bool {
     TcpListener::bind(("127.0.0.1", port)).is_ok()
 }
 
@@ -187,28 +226,35 @@ fn healthy(monitor: SocketAddr) -> bool {
 
 /// The local nats-server: stopped with SIGTERM (then SIGKILL) when dropped or shut down, and
 /// killed by the kernel if this process dies first.
-struct LocalNats {
+pub(crate) struct LocalNats {
     child: Child,
 }
 
 impl LocalNats {
-    async fn start(bin: &Path, root: &Path, args: &UpArgs) -> anyhow::Result<Self> {
-        for (what, port) in [("client", args.port), ("monitoring", args.monitor_port)] {
+    /// Starts `bin` with `nats/single.conf` on loopback `port`/`monitor_port`, its store and log
+    /// in `dir`, and waits until it is healthy.
+    pub(crate) async fn start(
+        bin: &Path,
+        root: &Path,
+        dir: &Path,
+        port: u16,
+        monitor_port: u16,
+    ) -> anyhow::Result<Self> {
+        for (what, port) in [("client", port), ("monitoring", monitor_port)] {
             if !port_free(port) {
                 bail!(
                     "{what} port {port} is already in use (another nats-server or `drover up`?); pass --port/--monitor-port"
                 );
             }
         }
-        std::fs::create_dir_all(&args.dir)
-            .with_context(|| format!("cannot create {}", args.dir.display()))?;
-        let dir = args.dir.canonicalize()?;
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        let dir = dir.canonicalize()?;
         let log = dir.join("nats.log");
         let mut cmd = Command::new(bin);
         cmd.arg("-c")
             .arg(root.join("nats/single.conf"))
-            .args(["-a", "127.0.0.1", "-p", &args.port.to_string()])
-            .args(["-m", &args.monitor_port.to_string()])
+            .args(["-a", "127.0.0.1", "-p", &port.to_string()])
+            .args(["-m", &monitor_port.to_string()])
             .arg("-sd")
             .arg(dir.join("jetstream"))
             .arg("-l")
@@ -231,7 +277,7 @@ impl LocalNats {
             .spawn()
             .with_context(|| format!("cannot start {}", bin.display()))?;
         let mut me = Self { child };
-        let monitor = SocketAddr::from(([127, 0, 0, 1], args.monitor_port));
+        let monitor = SocketAddr::from(([127, 0, 0, 1], monitor_port));
         let deadline = Instant::now() + Duration::from_secs(30);
         while !healthy(monitor) {
             if let Some(status) = me.child.try_wait()? {
@@ -251,7 +297,8 @@ impl LocalNats {
         Ok(me)
     }
 
-    async fn shutdown(mut self) {
+    /// SIGTERM, then up to 10 s, then SIGKILL.
+    pub(crate) async fn shutdown(mut self) {
         terminate(&mut self.child).await;
     }
 }
@@ -264,7 +311,7 @@ pub async fn up(args: UpArgs) -> anyhow::Result<ExitCode> {
         Some(b) => b.clone(),
         None => install_nats(&root).await?,
     };
-    let nats = LocalNats::start(&bin, &root, &args).await?;
+    let nats = LocalNats::start(&bin, &root, &args.dir, args.port, args.monitor_port).await?;
     let result = fleet(&args, &names).await;
     nats.shutdown().await;
     println!("stopped; data kept in {}", args.dir.display());

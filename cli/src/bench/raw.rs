@@ -1,0 +1,32 @@
+//! The raw JetStream baseline of a run: the same server, the same 200-byte bodies, measured
+//! before any scenario (async publish into a scratch stream, then concurrent publish +
+//! pull-consume + ack on a scratch work queue; both streams are deleted afterwards).
+
+use super::fleet::Target;
+use bytes::Bytes;
+use drover_shared::bench::{RawBaseline, noop_task, raw_baseline};
+
+/// Largest raw measurement: enough for a steady rate.
+const MAX_MESSAGES: usize = 200_000;
+
+/// Smallest raw measurement: below this start-up dominates.
+const MIN_MESSAGES: usize = 2_000;
+
+/// Measures the baseline with `tasks` messages (clamped to 2,000..=200,000).
+pub(crate) async fn measure(target: &Target, tasks: usize) -> anyhow::Result<RawBaseline> {
+    let n = tasks.clamp(MIN_MESSAGES, MAX_MESSAGES);
+    let bodies: Vec<Bytes> = (0..n)
+        .map(|i| {
+            let id = format!("{}-raw-{i}", target.run_id);
+            serde_json::to_vec(&noop_task(i, Some(&id))).map(Bytes::from)
+        })
+        .collect::<Result<_, _>>()?;
+    let bar = super::progress((2 * n) as u64, "raw JetStream");
+    let scratch = format!("drover_bench_{}", target.run_id);
+    let raw = raw_baseline(&target.js, &scratch, &bodies, |done, _| {
+        bar.set_position(done as u64)
+    })
+    .await;
+    bar.finish_and_clear();
+    Ok(raw?)
+}
