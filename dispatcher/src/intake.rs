@@ -27,6 +27,18 @@ pub struct Accepted {
     pub queue: String,
     /// Tasks with ids assigned and defaults applied.
     pub tasks: Vec<Task>,
+    /// `depends_on` and `shards` of the tasks that have either, by task id (they do not travel
+    /// in the normalized task; [`crate::deps`] holds and fans out such tasks).
+    pub scheduling: HashMap<String, Scheduling>,
+}
+
+/// The dependency and fan-out fields of one task.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Scheduling {
+    /// Ids that must have `succeeded` before the task starts.
+    pub depends_on: Vec<String>,
+    /// Shard count (`Shards::One` for an ordinary task).
+    pub shards: Shards,
 }
 
 /// What the intake needs to know about the server and the queue defaults.
@@ -99,20 +111,32 @@ pub fn prepare(
         .iter()
         .map(|spec| Task::first_attempt(spec, queue, limits.default_timeout_ms, now_ms))
         .collect();
+    let scheduling = sub
+        .tasks
+        .iter()
+        .filter(|spec| !spec.depends_on.is_empty() || !spec.shards.is_one())
+        .filter_map(|spec| {
+            let id = spec.id.clone()?;
+            Some((
+                id,
+                Scheduling {
+                    depends_on: spec.depends_on.clone(),
+                    shards: spec.shards,
+                },
+            ))
+        })
+        .collect();
     Ok(Accepted {
         queue: queue.to_owned(),
         tasks,
+        scheduling,
     })
 }
 
 /// The first scheduling field of `spec` this dispatcher cannot honour yet, if any. Refusing
 /// loudly beats running a task early, twice, or out of dependency order.
 fn unsupported(spec: &TaskSpec) -> Option<&'static str> {
-    if !spec.depends_on.is_empty() {
-        Some("depends_on")
-    } else if !spec.shards.is_one() && spec.shards != Shards::Count(1) {
-        Some("shards")
-    } else if spec.unique_key.is_some() {
+    if spec.unique_key.is_some() {
         Some("unique_key")
     } else if spec.run_at.is_some() {
         Some("run_at")

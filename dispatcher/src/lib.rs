@@ -14,12 +14,14 @@
 //! | [`intake`] | which queue a submission is for, whether it is valid, task ids, partitions |
 //! | [`api`] | how each request of the API (§1.3) is answered, on every replica: submit, status, cancel, retry |
 //! | [`outcomes`] | what each worker outcome does: retry timer, dead-letter copy, record, event (via `drover_shared::outcome::decide`) |
+//! | [`deps`] | when a task with `depends_on` starts or fails upstream, and where shard tasks go |
 //! | [`due`] | whether a fired retry timer's task runs again |
 //! | [`events`] | which lifecycle events are published, grouped per queue and state |
 
 pub mod api;
 pub mod assign;
 pub mod batcher;
+pub mod deps;
 pub mod due;
 pub mod election;
 pub mod events;

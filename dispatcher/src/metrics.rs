@@ -96,6 +96,21 @@ pub const DUE_SKIPPED: MetricDef = MetricDef::new(
     "drover_due_skipped",
     "Fired DROVER_DELAYED timers dropped because their task was terminal (e.g. cancelled)",
 );
+/// Tasks held for their dependencies.
+pub const DEPS_HELD: MetricDef = MetricDef::new(
+    "drover_deps_held",
+    "Tasks held at intake (state scheduled) until every task in their depends_on succeeded",
+);
+/// Held tasks released.
+pub const DEPS_RELEASED: MetricDef = MetricDef::new(
+    "drover_deps_released",
+    "Held tasks dispatched because their last dependency succeeded",
+);
+/// Tasks failed because a dependency did not succeed.
+pub const DEPS_UPSTREAM_FAILED: MetricDef = MetricDef::new(
+    "drover_deps_upstream_failed",
+    "Tasks recorded upstream_failed because a dependency failed, was cancelled or was itself upstream_failed",
+);
 /// Lifecycle events published.
 pub const EVENTS: MetricDef = MetricDef::new(
     "drover_events",
@@ -153,6 +168,12 @@ pub struct DispatcherMetrics {
     pub due_dispatched: Counter,
     /// [`DUE_SKIPPED`].
     pub due_skipped: Counter,
+    /// [`DEPS_HELD`].
+    pub deps_held: Counter,
+    /// [`DEPS_RELEASED`].
+    pub deps_released: Counter,
+    /// [`DEPS_UPSTREAM_FAILED`].
+    pub deps_upstream_failed: Counter,
     /// [`EVENTS`].
     pub events: Counter,
     /// [`EVENTS_DROPPED`].
@@ -185,6 +206,9 @@ impl DispatcherMetrics {
             quarantined: m.family(&QUARANTINED),
             due_dispatched: m.counter(&DUE_DISPATCHED),
             due_skipped: m.counter(&DUE_SKIPPED),
+            deps_held: m.counter(&DEPS_HELD),
+            deps_released: m.counter(&DEPS_RELEASED),
+            deps_upstream_failed: m.counter(&DEPS_UPSTREAM_FAILED),
             events: m.counter(&EVENTS),
             events_dropped: m.counter(&EVENTS_DROPPED),
         }
