@@ -33,6 +33,8 @@ fn common_env() -> Vec<(&'static str, String)> {
         ("DROVER_KEYS", TEST_KEYS.to_owned()),
         ("DROVER_LOG", "info".to_owned()),
         ("DROVER_TOPOLOGY__WORKER_TTL_MS", TTL_MS.to_string()),
+        ("DROVER_WORKER__HEARTBEAT_MS", "400".to_owned()),
+        ("DROVER_WORKER__FENCE_MARGIN_MS", "500".to_owned()),
         (
             "DROVER_QUEUES__DEFAULT__PARTITIONS",
             PARTITIONS.to_string(),
@@ -74,8 +76,6 @@ impl Rig {
 
     fn add_worker(&mut self, id: &str) {
         let mut env = common_env();
-        env.push(("DROVER_WORKER__HEARTBEAT_MS", "400".to_owned()));
-        env.push(("DROVER_WORKER__FENCE_MARGIN_MS", "500".to_owned()));
         env.push(("DROVER_CONCURRENCY", "32".to_owned()));
         self.ws.push(DroverProcess::start(
             id,
