@@ -376,15 +376,11 @@ impl Pipeline {
             .iter()
             .map(|h| h.msg.info().map_or(0, |i| i.stream_sequence))
             .collect();
-        let (rest, unheld) = crate::deps::intake::admit(
-            &self.ctx,
-            self.epoch,
-            routed,
-            &scheduling,
-            &known,
-            |i| seqs[i],
-        )
-        .await;
+        let (rest, unheld) =
+            crate::deps::intake::admit(&self.ctx, self.epoch, routed, &scheduling, &known, |i| {
+                seqs[i]
+            })
+            .await;
         routed = rest;
         for i in unheld {
             held[i].ok = false;

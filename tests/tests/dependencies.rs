@@ -35,10 +35,7 @@ fn common_env() -> Vec<(&'static str, String)> {
         ("DROVER_TOPOLOGY__WORKER_TTL_MS", TTL_MS.to_string()),
         ("DROVER_WORKER__HEARTBEAT_MS", "400".to_owned()),
         ("DROVER_WORKER__FENCE_MARGIN_MS", "500".to_owned()),
-        (
-            "DROVER_QUEUES__DEFAULT__PARTITIONS",
-            PARTITIONS.to_string(),
-        ),
+        ("DROVER_QUEUES__DEFAULT__PARTITIONS", PARTITIONS.to_string()),
     ]
 }
 
@@ -51,7 +48,12 @@ impl Rig {
                 DroverProcess::start(
                     &format!("d{i}"),
                     "drover-dispatcher",
-                    &["--nats-url".into(), url.clone(), "--id".into(), format!("d{i}")],
+                    &[
+                        "--nats-url".into(),
+                        url.clone(),
+                        "--id".into(),
+                        format!("d{i}"),
+                    ],
                     &common_env(),
                 )
             })
@@ -129,7 +131,11 @@ impl Rig {
     }
 
     async fn owners(&self) -> Option<BTreeSet<String>> {
-        let kv = self.js.get_key_value(self.names.bucket("state")).await.ok()?;
+        let kv = self
+            .js
+            .get_key_value(self.names.bucket("state"))
+            .await
+            .ok()?;
         let v = kv.get(format!("assignment.{QUEUE}")).await.ok()??;
         let v: Value = serde_json::from_slice(&v).ok()?;
         Some(
@@ -188,7 +194,11 @@ impl Rig {
     }
 
     /// Waits until every id in `ids` is terminal; returns their records.
-    async fn wait_terminal(&self, ids: &[String], timeout: Duration) -> HashMap<String, TaskRecord> {
+    async fn wait_terminal(
+        &self,
+        ids: &[String],
+        timeout: Duration,
+    ) -> HashMap<String, TaskRecord> {
         let deadline = Instant::now() + timeout;
         let mut done: HashMap<String, TaskRecord> = HashMap::new();
         loop {
@@ -367,7 +377,11 @@ async fn a_dag_completes_in_dependency_order_across_a_leader_kill() {
         .await
         .is_none_or(|r| r.state != TaskState::Succeeded)
     {
-        assert!(Instant::now() < deadline, "level 3 never ran\n{}", rig.logs());
+        assert!(
+            Instant::now() < deadline,
+            "level 3 never ran\n{}",
+            rig.logs()
+        );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let killed_at = chrono::Utc::now();
@@ -392,7 +406,11 @@ async fn a_dag_completes_in_dependency_order_across_a_leader_kill() {
         }
     }
     // No held entry is left behind.
-    let state = rig.js.get_key_value(rig.names.bucket("state")).await.unwrap();
+    let state = rig
+        .js
+        .get_key_value(rig.names.bucket("state"))
+        .await
+        .unwrap();
     let mut keys = state.keys().await.unwrap();
     use futures::StreamExt;
     while let Some(k) = keys.next().await {
@@ -546,7 +564,12 @@ async fn cycles_and_missing_dependencies_are_rejected_on_both_paths() {
     let reply = rig.api_submit(missing.clone()).await;
     assert_eq!(reply["error"]["code"], "missing_dependency", "{reply}");
     assert_eq!(reply["error"]["index"], 1, "{reply}");
-    assert!(reply["error"]["message"].as_str().unwrap().contains("nobody"));
+    assert!(
+        reply["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("nobody")
+    );
 
     // Stream path: a rejected record each, and no task of either array exists.
     let before = rig.dlq_last_seq().await;
@@ -562,9 +585,7 @@ async fn cycles_and_missing_dependencies_are_rejected_on_both_paths() {
     }
 
     // A dependency on an existing task is accepted on the validated path and runs after it.
-    let ok = rig
-        .api_submit(json!([{"id": "p1", "type": "noop"}]))
-        .await;
+    let ok = rig.api_submit(json!([{"id": "p1", "type": "noop"}])).await;
     assert_eq!(ok["ok"], true, "{ok}");
     rig.wait_state("p1", TaskState::Succeeded, Duration::from_secs(10))
         .await;
@@ -586,10 +607,7 @@ async fn shards_land_on_distinct_workers_and_survive_a_worker_kill() {
         .await;
     let shard_ids: Vec<String> = (0..3).map(|i| format!("bc-s{i}")).collect();
     let shards = rig.wait_terminal(&shard_ids, Duration::from_secs(5)).await;
-    let workers: BTreeSet<String> = shards
-        .values()
-        .map(|r| r.worker.clone().unwrap())
-        .collect();
+    let workers: BTreeSet<String> = shards.values().map(|r| r.worker.clone().unwrap()).collect();
     assert_eq!(workers.len(), 3, "shards on {workers:?}");
     for (i, id) in shard_ids.iter().enumerate() {
         let r = &shards[id];
@@ -597,10 +615,7 @@ async fn shards_land_on_distinct_workers_and_survive_a_worker_kill() {
         assert_eq!(r.shard.unwrap().index, i as u32);
         assert_eq!(r.shard.unwrap().total, 3);
     }
-    assert_eq!(
-        parent.result.unwrap().get(),
-        r#"[{"x":1},{"x":1},{"x":1}]"#
-    );
+    assert_eq!(parent.result.unwrap().get(), r#"[{"x":1},{"x":1},{"x":1}]"#);
 
     // "all": one per live worker.
     rig.submit(json!({"id": "every", "type": "noop", "shards": "all"}))
@@ -630,7 +645,11 @@ async fn shards_land_on_distinct_workers_and_survive_a_worker_kill() {
         if running.len() == 3 {
             break running[0].clone();
         }
-        assert!(Instant::now() < deadline, "shards never all ran\n{}", rig.logs());
+        assert!(
+            Instant::now() < deadline,
+            "shards never all ran\n{}",
+            rig.logs()
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
     let killed = victim.worker.clone().unwrap();

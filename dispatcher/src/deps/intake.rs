@@ -201,7 +201,10 @@ pub(crate) async fn admit(
                         continue;
                     }
                 }
-                if let Err(e) = state.put(held_key(&r.task.id), entry.to_json().into()).await {
+                if let Err(e) = state
+                    .put(held_key(&r.task.id), entry.to_json().into())
+                    .await
+                {
                     warn!(task_id = %r.task.id, error = %e, "cannot store a held task; will retry");
                     failed.insert(r.from);
                     continue;
@@ -253,7 +256,11 @@ async fn create_record(ctx: &LeaderContext, record: &TaskRecord, seq: u64) -> Cr
     headers.insert(HDR_INTAKE_SEQ, seq.to_string());
     let body = serde_json::to_vec(record).unwrap_or_default();
     let subject = format!("$KV.{bucket}.{}", record.id);
-    let result = match ctx.js.publish_with_headers(subject, headers, body.into()).await {
+    let result = match ctx
+        .js
+        .publish_with_headers(subject, headers, body.into())
+        .await
+    {
         Ok(ack) => ack.await.map(|_| ()),
         Err(e) => Err(e),
     };

@@ -68,7 +68,11 @@ pub fn readiness<'a>(parents: impl IntoIterator<Item = (&'a str, Parent)>) -> Re
             Parent::Pending => wait = true,
         }
     }
-    if wait { Readiness::Wait } else { Readiness::Ready }
+    if wait {
+        Readiness::Wait
+    } else {
+        Readiness::Ready
+    }
 }
 
 /// The `missing_dependency` error of a task (at `index` of an array) depending on `parent`.
@@ -126,10 +130,7 @@ pub enum Admission {
 /// `depends_on`; an in-message parent counts as pending unless it is itself `upstream_failed`
 /// (then so are its dependents, transitively); `outside(id)` is the state of a parent outside
 /// the message. The message's workflow is acyclic (checked at validation).
-pub fn admit(
-    tasks: &[(&str, &[String])],
-    outside: impl Fn(&str) -> Parent,
-) -> Vec<Admission> {
+pub fn admit(tasks: &[(&str, &[String])], outside: impl Fn(&str) -> Parent) -> Vec<Admission> {
     let index: HashMap<&str, usize> = tasks
         .iter()
         .enumerate()
@@ -184,8 +185,8 @@ pub fn admit(
 
 /// The `scheduled` record of a held task.
 pub fn scheduled_record(task: &Task) -> TaskRecord {
-    let submitted = chrono::DateTime::from_timestamp_millis(task.submitted_ms)
-        .unwrap_or_else(chrono::Utc::now);
+    let submitted =
+        chrono::DateTime::from_timestamp_millis(task.submitted_ms).unwrap_or_else(chrono::Utc::now);
     TaskRecord::new(task, TaskState::Scheduled, submitted)
 }
 
@@ -295,7 +296,10 @@ mod tests {
     fn readiness_needs_every_parent_succeeded() {
         let ok = Parent::Finished(TaskState::Succeeded);
         assert_eq!(readiness([("a", ok), ("b", ok)]), Readiness::Ready);
-        assert_eq!(readiness([("a", ok), ("b", Parent::Pending)]), Readiness::Wait);
+        assert_eq!(
+            readiness([("a", ok), ("b", Parent::Pending)]),
+            Readiness::Wait
+        );
         assert_eq!(
             readiness([
                 ("a", Parent::Pending),
@@ -323,13 +327,8 @@ mod tests {
         let c = deps(&["old-bad"]);
         let d = deps(&["c", "b"]);
         let e = deps(&["old-ok"]);
-        let tasks: Vec<(&str, &[String])> = vec![
-            ("d", &d),
-            ("a", &a),
-            ("b", &b),
-            ("c", &c),
-            ("e", &e),
-        ];
+        let tasks: Vec<(&str, &[String])> =
+            vec![("d", &d), ("a", &a), ("b", &b), ("c", &c), ("e", &e)];
         let got = admit(&tasks, |id| match id {
             "old-ok" => Parent::Finished(TaskState::Succeeded),
             "old-bad" => Parent::Finished(TaskState::Failed),

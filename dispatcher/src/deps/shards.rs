@@ -280,7 +280,14 @@ mod tests {
 
     #[test]
     fn shards_land_on_distinct_workers_then_spread_evenly() {
-        let a = assignment(&[(0, "w2"), (1, "w1"), (2, "w3"), (3, "w1"), (4, "w2"), (5, "w3")]);
+        let a = assignment(&[
+            (0, "w2"),
+            (1, "w1"),
+            (2, "w3"),
+            (3, "w1"),
+            (4, "w2"),
+            (5, "w3"),
+        ]);
         let t = targets(Shards::Count(3), Some(&a));
         assert_eq!(owners(&a, &t), ["w1", "w2", "w3"]);
         let t = targets(Shards::All, Some(&a));
@@ -334,9 +341,7 @@ mod tests {
                 .then(|| RawValue::from_string(format!("{i}")).unwrap());
             r
         };
-        assert!(
-            aggregate(&parent, &[Some(shard(0, TaskState::Succeeded)), None], now).is_none()
-        );
+        assert!(aggregate(&parent, &[Some(shard(0, TaskState::Succeeded)), None], now).is_none());
         assert!(
             aggregate(
                 &parent,
@@ -359,12 +364,7 @@ mod tests {
         .unwrap();
         assert_eq!(done.state, TaskState::Succeeded);
         assert_eq!(done.result.unwrap().get(), "[0,1]");
-        let failed = aggregate(
-            &parent,
-            &[Some(shard(0, TaskState::Failed)), None],
-            now,
-        )
-        .unwrap();
+        let failed = aggregate(&parent, &[Some(shard(0, TaskState::Failed)), None], now).unwrap();
         assert_eq!(failed.state, TaskState::Failed);
         assert!(failed.error.unwrap().message.contains("p-s0"));
         assert!(aggregate(&failed_clone(&parent), &[], now).is_none());

@@ -121,8 +121,9 @@ impl HeldEntry {
         let body = STANDARD
             .decode(&self.body)
             .map_err(|e| bad("invalid_entry", e.to_string()))?;
-        let headers = EnvelopeHeaders::from_lookup(|name| self.headers.get(name).map(String::as_str))
-            .map_err(|e| bad(e.reason(), e.to_string()))?;
+        let headers =
+            EnvelopeHeaders::from_lookup(|name| self.headers.get(name).map(String::as_str))
+                .map_err(|e| bad(e.reason(), e.to_string()))?;
         let opened = envelope::open::<Task>(
             keys,
             codec,
