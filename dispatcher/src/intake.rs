@@ -30,6 +30,18 @@ pub struct Accepted {
     pub tasks: Vec<Task>,
     /// Per task (same order): its delay and uniqueness window.
     pub plans: Vec<Plan>,
+    /// `depends_on` and `shards` of the tasks that have either, by task id (they do not travel
+    /// in the normalized task; [`crate::deps`] holds and fans out such tasks).
+    pub scheduling: HashMap<String, Scheduling>,
+}
+
+/// The dependency and fan-out fields of one task.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Scheduling {
+    /// Ids that must have `succeeded` before the task starts.
+    pub depends_on: Vec<String>,
+    /// Shard count (`Shards::One` for an ordinary task).
+    pub shards: Shards,
 }
 
 /// What the intake needs to know about the server and the queue defaults.
@@ -85,18 +97,6 @@ pub fn prepare(
     let mut sub = parse_submission(body, limits.max_payload).map_err(reject)?;
     assign_ids(&mut sub, msg_id, seq).map_err(reject)?;
     check_workflow(&sub.tasks).map_err(reject)?;
-    for (i, spec) in sub.tasks.iter().enumerate() {
-        if let Some(field) = unsupported(spec) {
-            let e = ApiError::new(
-                ErrorCode::NotAllowed,
-                format!(
-                    "field `{field}` is not supported by this dispatcher version yet; submit the task without it"
-                ),
-            )
-            .with_field(field);
-            return Err(reject(if sub.is_array { e.at_index(i) } else { e }));
-        }
-    }
     let tasks = sub
         .tasks
         .iter()
@@ -106,24 +106,27 @@ pub fn prepare(
         .tasks
         .iter()
         .map(|spec| Plan::of(spec, now_ms))
+    let scheduling = sub
+        .tasks
+        .iter()
+        .filter(|spec| !spec.depends_on.is_empty() || !spec.shards.is_one())
+        .filter_map(|spec| {
+            let id = spec.id.clone()?;
+            Some((
+                id,
+                Scheduling {
+                    depends_on: spec.depends_on.clone(),
+                    shards: spec.shards,
+                },
+            ))
+        })
         .collect();
     Ok(Accepted {
         queue: queue.to_owned(),
         tasks,
         plans,
+        scheduling,
     })
-}
-
-/// The first scheduling field of `spec` this dispatcher cannot honour yet, if any. Refusing
-/// loudly beats running a task early, twice, or out of dependency order.
-fn unsupported(spec: &TaskSpec) -> Option<&'static str> {
-    if !spec.depends_on.is_empty() {
-        Some("depends_on")
-    } else if !spec.shards.is_one() && spec.shards != Shards::Count(1) {
-        Some("shards")
-    } else {
-        None
-    }
 }
 
 /// How tasks without a key pick a partition.
@@ -238,14 +241,13 @@ mod tests {
         );
         let r = prep("drover.submit.q", r#"{"type":"a"}"#, Some("bad id")).unwrap_err();
         assert_eq!(r.error.field.as_deref(), Some("Nats-Msg-Id"));
-        let r = prep(
+        let a = prep(
             "drover.submit.q",
-            r#"{"type":"a","depends_on":["x"]}"#,
+            r#"{"type":"a","id":"c","depends_on":["x"]}"#,
             None,
         )
-        .unwrap_err();
-        assert_eq!(r.error.code, ErrorCode::NotAllowed);
-        assert!(r.error.message.contains("depends_on"));
+        .unwrap();
+        assert_eq!(a.scheduling["c"].depends_on, ["x"]);
         let r = prep(
             "drover.submit.q",
             r#"{"type":"a","delay_ms":5,"run_at":"2030-01-01T00:00:00Z"}"#,

@@ -77,6 +77,8 @@ pub struct LeaderContext {
     pub metrics: Arc<DispatcherMetrics>,
     /// Where lifecycle events go.
     pub events: EventSink,
+    /// The dependency actor of the current term ([`crate::deps`]); a no-op outside a term.
+    pub deps: crate::deps::Deps,
 }
 
 /// Why leading stopped with an error.
@@ -305,6 +307,11 @@ impl Pipeline {
         }
     }
 
+    /// The leader context this pipeline dispatches for.
+    pub(crate) fn ctx(&self) -> &LeaderContext {
+        &self.ctx
+    }
+
     /// Handles one chunk of intake messages end to end; every message is acked, NAKed or
     /// rejected by the time it returns.
     async fn dispatch(&mut self, chunk: Vec<jetstream::Message>, cancel: &CancellationToken) {
@@ -381,6 +388,16 @@ impl Pipeline {
             }
             accepted = keep;
         }
+        // Dependencies outside a message must exist (`missing_dependency`, all or nothing).
+        let (known, unread) =
+            crate::deps::intake::check_missing(&self.ctx, &mut accepted, &mut rejected).await;
+        for i in unread {
+            held[i].ok = false;
+        }
+        let scheduling: HashMap<String, intake::Scheduling> = accepted
+            .iter()
+            .flat_map(|(_, a)| a.scheduling.clone())
+            .collect();
 
         // Rejected submissions: a record with the original bytes and the reason, then ack.
         let mut rejects = Vec::new();
@@ -435,6 +452,21 @@ impl Pipeline {
             }
         }
 
+        // Tasks waiting for dependencies are held durably (or fail upstream) instead.
+        let seqs: Vec<u64> = held
+            .iter()
+            .map(|h| h.msg.info().map_or(0, |i| i.stream_sequence))
+            .collect();
+        let (rest, unheld) =
+            crate::deps::intake::admit(&self.ctx, self.epoch, routed, &scheduling, &known, |i| {
+                seqs[i]
+            })
+            .await;
+        routed = rest;
+        for i in unheld {
+            held[i].ok = false;
+        }
+
         // Duplicate check and `queued` records.
         if self.ctx.config.track_queued && !routed.is_empty() {
             routed = self.record_queued(routed, &mut held).await;
@@ -443,6 +475,8 @@ impl Pipeline {
         if !delayed.is_empty() {
             self.schedule(delayed, &mut held).await;
         }
+        // Sharded tasks fan out over distinct workers.
+        routed = crate::deps::shards::expand(self, routed, &scheduling).await;
 
         // Batch per partition, seal, publish pipelined.
         for i in self.send(routed).await {

@@ -16,12 +16,15 @@
 //! | [`outcomes`] | what each worker outcome does: retry timer, dead-letter copy, record, event (via `drover_shared::outcome::decide`) |
 //! | [`delays`] | delayed tasks' timers (fired ahead, held, dispatched on time) and uniqueness windows |
 //! | [`due`] | whether a fired timer's task runs (now, or held until its due instant) |
+//! | [`deps`] | when a task with `depends_on` starts or fails upstream, and where shard tasks go |
+//! | [`due`] | whether a fired retry timer's task runs again |
 //! | [`events`] | which lifecycle events are published, grouped per queue and state |
 
 pub mod api;
 pub mod assign;
 pub mod batcher;
 pub mod delays;
+pub mod deps;
 pub mod due;
 pub mod election;
 pub mod events;

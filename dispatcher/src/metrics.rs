@@ -107,6 +107,21 @@ pub const DUE_LATENESS: MetricDef = MetricDef::new(
     "Time from a delayed task's due instant to the PubAck of its envelope",
 )
 .with_unit(Unit::Seconds);
+/// Tasks held for their dependencies.
+pub const DEPS_HELD: MetricDef = MetricDef::new(
+    "drover_deps_held",
+    "Tasks held at intake (state scheduled) until every task in their depends_on succeeded",
+);
+/// Held tasks released.
+pub const DEPS_RELEASED: MetricDef = MetricDef::new(
+    "drover_deps_released",
+    "Held tasks dispatched because their last dependency succeeded",
+);
+/// Tasks failed because a dependency did not succeed.
+pub const DEPS_UPSTREAM_FAILED: MetricDef = MetricDef::new(
+    "drover_deps_upstream_failed",
+    "Tasks recorded upstream_failed because a dependency failed, was cancelled or was itself upstream_failed",
+);
 /// Lifecycle events published.
 pub const EVENTS: MetricDef = MetricDef::new(
     "drover_events",
@@ -168,6 +183,12 @@ pub struct DispatcherMetrics {
     pub delayed_scheduled: Counter,
     /// [`DUE_LATENESS`].
     pub due_lateness: Histogram,
+    /// [`DEPS_HELD`].
+    pub deps_held: Counter,
+    /// [`DEPS_RELEASED`].
+    pub deps_released: Counter,
+    /// [`DEPS_UPSTREAM_FAILED`].
+    pub deps_upstream_failed: Counter,
     /// [`EVENTS`].
     pub events: Counter,
     /// [`EVENTS_DROPPED`].
@@ -202,6 +223,9 @@ impl DispatcherMetrics {
             due_skipped: m.counter(&DUE_SKIPPED),
             delayed_scheduled: m.counter(&DELAYED_SCHEDULED),
             due_lateness: m.latency_histogram(&DUE_LATENESS),
+            deps_held: m.counter(&DEPS_HELD),
+            deps_released: m.counter(&DEPS_RELEASED),
+            deps_upstream_failed: m.counter(&DEPS_UPSTREAM_FAILED),
             events: m.counter(&EVENTS),
             events_dropped: m.counter(&EVENTS_DROPPED),
         }

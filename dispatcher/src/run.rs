@@ -194,6 +194,7 @@ pub async fn run(settings: Replica, shutdown: CancellationToken) -> anyhow::Resu
             metrics.clone(),
             shutdown.clone(),
         ),
+        deps: Default::default(),
     };
     campaign(&settings, &election_kv, ctx, shutdown).await;
     // It answers what it already received, for up to api::DRAIN_DEADLINE.
@@ -307,7 +308,10 @@ async fn campaign(
                             settings.topology.worker_ttl(),
                         ),
                     };
-                    let (ctx, t) = (ctx.clone(), token.clone());
+                    let (mut ctx, t) = (ctx.clone(), token.clone());
+                    // The term's dependency actor: rebuilt from held entries, fed by intake
+                    // and outcomes.
+                    ctx.deps = crate::deps::spawn(ctx.clone(), e, t.clone());
                     let handle = tokio::spawn(async move {
                         leader::declare_queues(&ctx, e).await;
                         let assigning = tokio::spawn({

@@ -313,7 +313,9 @@ impl HandlerKind {
             Self::Rust(h) => h.call(ctx, payload).await,
             Self::Builtin(b) => b.run(&ctx, &payload).await,
             Self::Exec(cfg) => {
-                crate::exec::run(cfg, &payload, ctx.deadline(), ctx.cancellation()).await
+                let env = crate::exec::shard_env(ctx.shard());
+                crate::exec::run_with_env(cfg, &payload, ctx.deadline(), ctx.cancellation(), &env)
+                    .await
             }
             Self::Http(h) => {
                 h.call(

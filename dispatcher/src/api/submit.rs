@@ -50,6 +50,7 @@ impl Api {
             limits,
         )
         .map_err(|r| r.error)?;
+        self.check_dependencies(&accepted).await?;
         let planned = request::plan_ids(&accepted.tasks, msg_id.as_deref());
         let mut duplicates = self.existing(&planned).await?;
 
@@ -152,6 +153,50 @@ impl Api {
             if let Err(e) = self.unique.release(key).await {
                 tracing::warn!(key = %key, error = %e, "cannot release a unique key; it expires with its window");
             }
+    /// Rejects the submission if a task depends on an id that is neither in it nor a task with a
+    /// record (`missing_dependency`, the same check the intake makes; cycles are found by
+    /// validation).
+    async fn check_dependencies(&self, accepted: &intake::Accepted) -> Result<(), ApiError> {
+        let inside: HashSet<&str> = accepted.tasks.iter().map(|t| t.id.as_str()).collect();
+        let outside: HashSet<String> = accepted
+            .scheduling
+            .values()
+            .flat_map(|s| s.depends_on.iter())
+            .filter(|d| !inside.contains(d.as_str()))
+            .cloned()
+            .collect();
+        if outside.is_empty() {
+            return Ok(());
+        }
+        let tasks = &self.tasks;
+        let lookups: Vec<_> = outside
+            .into_iter()
+            .map(|id| async move { tasks.entry(id.clone()).await.map(|e| e.map(|_| id)) })
+            .collect();
+        let mut found = HashSet::new();
+        let mut results = futures::stream::iter(lookups).buffer_unordered(LOOKUPS_IN_FLIGHT);
+        while let Some(result) = results.next().await {
+            if let Some(id) = result.map_err(|e| unavailable("cannot read task records", e))? {
+                found.insert(id);
+            }
+        }
+        let list: Vec<(&str, &[String])> = accepted
+            .tasks
+            .iter()
+            .map(|t| {
+                let deps = accepted
+                    .scheduling
+                    .get(&t.id)
+                    .map(|s| s.depends_on.as_slice())
+                    .unwrap_or(&[]);
+                (t.id.as_str(), deps)
+            })
+            .collect();
+        match crate::deps::plan::find_missing(&list, accepted.tasks.len() > 1, |id| {
+            found.contains(id)
+        }) {
+            Some(e) => Err(e),
+            None => Ok(()),
         }
     }
 

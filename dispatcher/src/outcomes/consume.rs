@@ -143,6 +143,10 @@ impl Handler {
                 OutcomeDecision::Duplicate => {
                     m.outcome_duplicates.inc();
                     debug!(task_id = %id, attempt = outcome.task.attempt, "outcome already recorded");
+                    // A redelivery after a crash before the shard parent was settled.
+                    if let Some(r) = current.record.as_ref().filter(|r| r.state.is_terminal()) {
+                        self.settle_shard_parent(r).await?;
+                    }
                     return self.done(outcome, Done::Duplicate);
                 }
                 OutcomeDecision::Retry { record, next, .. } => {
@@ -167,6 +171,10 @@ impl Handler {
                     }
                     log_record(&record);
                     self.ctx.events.emit(&record);
+                    self.ctx.deps.finished(&record.id, record.state);
+                    if record.state.is_terminal() {
+                        self.settle_shard_parent(&record).await?;
+                    }
                     return self.done(outcome, Done::Handled);
                 }
                 Err(WriteError::Conflict) => {
@@ -177,6 +185,20 @@ impl Handler {
             }
         }
         Err(format!("the record of {id} kept changing"))
+    }
+
+    /// For a terminal shard record: settles its parent (before the ack, so a crash redelivers
+    /// the outcome and settles again) and tells the dependency actor when the parent finished.
+    async fn settle_shard_parent(&self, record: &TaskRecord) -> Result<(), String> {
+        if record.shard.is_none() || record.parent.is_none() {
+            return Ok(());
+        }
+        if let Some(parent) = crate::deps::shards::settle_parent(&self.records, record).await? {
+            log_record(&parent);
+            self.ctx.events.emit(&parent);
+            self.ctx.deps.finished(&parent.id, parent.state);
+        }
+        Ok(())
     }
 
     fn done(&self, outcome: &Outcome, _: Done) -> Result<(), String> {

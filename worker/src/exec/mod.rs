@@ -62,10 +62,34 @@ pub async fn run(
     deadline: Instant,
     cancel: &CancellationToken,
 ) -> Result<Box<RawValue>, TaskError> {
+    run_with_env(config, payload, deadline, cancel, &[]).await
+}
+
+/// [`run`] with `extra` variables set in the child's environment on top of the configured
+/// ones (e.g. `DROVER_SHARD_INDEX`/`DROVER_SHARD_TOTAL` for a shard task).
+pub async fn run_with_env(
+    config: &ExecHandler,
+    payload: &RawValue,
+    deadline: Instant,
+    cancel: &CancellationToken,
+    extra: &[(&str, String)],
+) -> Result<Box<RawValue>, TaskError> {
     let workdir = Workdir::create(&config.cwd).await?;
-    let result = run_in(config, payload, deadline, cancel, workdir.path()).await;
+    let result = run_in(config, payload, deadline, cancel, workdir.path(), extra).await;
     workdir.remove().await;
     result
+}
+
+/// The variables an `exec` handler gets for a shard task: `DROVER_SHARD_INDEX` and
+/// `DROVER_SHARD_TOTAL` (none for an ordinary task).
+pub fn shard_env(shard: Option<drover_shared::task::ShardInfo>) -> Vec<(&'static str, String)> {
+    match shard {
+        Some(s) => vec![
+            ("DROVER_SHARD_INDEX", s.index.to_string()),
+            ("DROVER_SHARD_TOTAL", s.total.to_string()),
+        ],
+        None => Vec::new(),
+    }
 }
 
 async fn run_in(
@@ -74,6 +98,7 @@ async fn run_in(
     deadline: Instant,
     cancel: &CancellationToken,
     dir: &Path,
+    extra: &[(&str, String)],
 ) -> Result<Box<RawValue>, TaskError> {
     if cancel.is_cancelled() {
         return Err(task_error(ErrorKind::Cancelled, "cancelled before start"));
@@ -94,6 +119,7 @@ async fn run_in(
     cmd.args(args)
         .env_clear()
         .envs(child_env(config))
+        .envs(extra.iter().map(|(k, v)| (*k, v.as_str())))
         .current_dir(dir)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())

@@ -12,7 +12,7 @@ use serde_json::value::RawValue;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::run;
+use super::{run, run_with_env, shard_env};
 
 /// Secrets placed in the test process's environment; no child may see them.
 const FAKE_KEYS: &str = "k1:c2VjcmV0LXNob3VsZC1uZXZlci1sZWFr";
@@ -164,6 +164,23 @@ async fn text_stdout_becomes_a_string_and_empty_stdout_null() {
         .await
         .unwrap();
     assert_eq!(out.get(), "null");
+}
+
+#[tokio::test]
+async fn shard_tasks_see_their_position_in_the_environment() {
+    setup();
+    let env = shard_env(Some(drover_shared::task::ShardInfo { index: 2, total: 5 }));
+    let out = run_with_env(
+        &sh("printf '%s/%s' \"$DROVER_SHARD_INDEX\" \"$DROVER_SHARD_TOTAL\""),
+        &payload("{}"),
+        Instant::now() + Duration::from_secs(10),
+        &CancellationToken::new(),
+        &env,
+    )
+    .await
+    .unwrap();
+    assert_eq!(out.get(), r#""2/5""#);
+    assert!(shard_env(None).is_empty());
 }
 
 #[tokio::test]

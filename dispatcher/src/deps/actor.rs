@@ -1,0 +1,450 @@
+//! The leader's dependency actor: one task per leadership term owning the in-memory
+//! [`Index`] of held tasks. It is rebuilt from the `held.*` entries when the term starts, learns
+//! of new held tasks from the intake, of terminal records from the outcome handler and of
+//! cancels from `<prefix>.ctl.cancel.>`, releases children whose parents all succeeded through
+//! its own dispatch [`Pipeline`], and marks the dependents of a failed parent `upstream_failed`,
+//! transitively.
+//!
+//! Events are handled one at a time, in order, so a child held by the intake before its
+//! parent's outcome is recorded is always either found by that outcome or sees the parent's
+//! success itself when it is checked.
+
+use super::plan::{self, Index, Parent, Readiness};
+use super::shards;
+use super::store::{HELD_PREFIX, HeldEntry, held_key, shards_of};
+use crate::intake::Scheduling;
+use crate::leader::{LeaderContext, Pipeline, Routed};
+use crate::records::{CAS_ATTEMPTS, Records, WriteError};
+use async_nats::jetstream::kv;
+use drover_shared::task::{TaskRecord, TaskState};
+use futures::StreamExt;
+use std::collections::HashMap;
+use std::time::Duration;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+/// How long a release whose dispatch failed waits before it is tried again.
+const RELEASE_RETRY: Duration = Duration::from_millis(500);
+
+/// What the actor is told.
+#[derive(Debug)]
+enum Event {
+    /// The intake held `id` until `parents` succeed.
+    Held { id: String, parents: Vec<String> },
+    /// `id`'s record became terminal in `state`.
+    Finished { id: String, state: TaskState },
+    /// A cancel request named `id`.
+    Cancelled { id: String },
+    /// Check `id` again (after a failed release).
+    Recheck { id: String },
+}
+
+/// The handle through which the intake and the outcome handler tell the actor of the current
+/// term what happened. The default handle (no actor) drops everything: a new leader's rebuild
+/// reads the durable state instead.
+#[derive(Clone, Debug, Default)]
+pub struct Deps {
+    tx: Option<mpsc::UnboundedSender<Event>>,
+}
+
+impl Deps {
+    /// `id` is held until every id of `parents` succeeded.
+    pub fn held(&self, id: &str, parents: &[String]) {
+        self.send(Event::Held {
+            id: id.to_owned(),
+            parents: parents.to_vec(),
+        });
+    }
+
+    /// `id`'s record is now terminal in `state` (ignored for other states).
+    pub fn finished(&self, id: &str, state: TaskState) {
+        if state.is_terminal() {
+            self.send(Event::Finished {
+                id: id.to_owned(),
+                state,
+            });
+        }
+    }
+
+    fn send(&self, event: Event) {
+        if let Some(tx) = &self.tx {
+            let _ = tx.send(event);
+        }
+    }
+}
+
+/// Starts the actor of leadership term `epoch`; it stops when `cancel` fires. `ctx.deps` of the
+/// context given is ignored (the actor tells itself directly).
+pub fn spawn(ctx: LeaderContext, epoch: u64, cancel: CancellationToken) -> Deps {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let handle = Deps { tx: Some(tx) };
+    let me = handle.clone();
+    tokio::spawn(async move {
+        if let Err(e) = run(ctx, epoch, cancel, rx, me).await {
+            warn!(error = %e, "dependency actor stopped; the next leader rebuilds from held entries");
+        }
+    });
+    handle
+}
+
+struct Actor {
+    ctx: LeaderContext,
+    pipeline: Pipeline,
+    records: Records,
+    state: kv::Store,
+    index: Index,
+    me: Deps,
+}
+
+async fn run(
+    ctx: LeaderContext,
+    epoch: u64,
+    cancel: CancellationToken,
+    mut rx: mpsc::UnboundedReceiver<Event>,
+    me: Deps,
+) -> Result<(), String> {
+    let records = Records::open(&ctx.js, &ctx.names).await?;
+    let state = ctx
+        .js
+        .get_key_value(ctx.names.bucket("state"))
+        .await
+        .map_err(|e| format!("open state bucket: {e}"))?;
+    let mut cancels = ctx
+        .js
+        .client()
+        .subscribe(ctx.names.cancel_subject(">"))
+        .await
+        .map_err(|e| format!("subscribe to cancels: {e}"))?;
+    let mut actor = Actor {
+        pipeline: Pipeline::new(ctx.clone(), epoch),
+        ctx,
+        records,
+        state,
+        index: Index::default(),
+        me,
+    };
+    actor.rebuild().await?;
+    loop {
+        tokio::select! {
+            biased;
+            _ = cancel.cancelled() => break,
+            e = rx.recv() => match e {
+                Some(e) => actor.handle(e).await,
+                None => break,
+            },
+            m = cancels.next() => match m {
+                Some(m) => {
+                    let id = m.subject.as_str().rsplit('.').next().unwrap_or_default().to_owned();
+                    actor.handle(Event::Cancelled { id }).await;
+                }
+                None => break,
+            },
+        }
+    }
+    Ok(())
+}
+
+impl Actor {
+    /// Loads every `held.*` entry into the index, then checks each against its parents (which
+    /// may have finished while no leader was there to notice).
+    async fn rebuild(&mut self) -> Result<(), String> {
+        let mut keys = self
+            .state
+            .keys()
+            .await
+            .map_err(|e| format!("list held tasks: {e}"))?;
+        let mut held = Vec::new();
+        while let Some(k) = keys.next().await {
+            match k {
+                Ok(k) if k.starts_with(HELD_PREFIX) => held.push(k),
+                Ok(_) => {}
+                Err(e) => return Err(format!("list held tasks: {e}")),
+            }
+        }
+        for key in &held {
+            match self.state.get(key).await {
+                Ok(Some(v)) => match HeldEntry::parse(&v) {
+                    Ok(e) => {
+                        self.index.hold(&e.id, &e.parents);
+                    }
+                    Err(e) => warn!(%key, error = %e, "unreadable held entry ignored"),
+                },
+                Ok(None) => {}
+                Err(e) => return Err(format!("read {key}: {e}")),
+            }
+        }
+        info!(held = self.index.len(), "dependency index rebuilt");
+        let ids: Vec<String> = held
+            .iter()
+            .filter_map(|k| k.strip_prefix(HELD_PREFIX).map(str::to_owned))
+            .collect();
+        for id in ids {
+            self.check(&id).await;
+        }
+        Ok(())
+    }
+
+    async fn handle(&mut self, event: Event) {
+        match event {
+            Event::Held { id, parents } => {
+                self.index.hold(&id, &parents);
+                self.check(&id).await;
+            }
+            Event::Recheck { id } => self.check(&id).await,
+            Event::Finished { id, state } => self.finished(id, state).await,
+            Event::Cancelled { id } => match self.records.read(&id).await {
+                Ok(c) => {
+                    if let Some(r) = c.record.filter(|r| r.state.is_terminal()) {
+                        self.finished(id, r.state).await;
+                    }
+                }
+                Err(e) => warn!(task_id = %id, error = %e, "cannot read a cancelled task"),
+            },
+        }
+    }
+
+    /// `id` ended in `state`: forget it if it was held, release or fail its children.
+    async fn finished(&mut self, id: String, state: TaskState) {
+        let mut work = vec![(id, state)];
+        while let Some((id, state)) = work.pop() {
+            if self.index.remove(&id).is_some() {
+                self.drop_entry(&id).await;
+            }
+            for child in self.index.children_of(&id) {
+                if state == TaskState::Succeeded {
+                    self.check(&child).await;
+                } else if let Some(done) = self.fail(&child, &id, state).await {
+                    work.push(done);
+                }
+            }
+        }
+    }
+
+    /// Reads a held child's parents and releases or fails it when they decide it.
+    async fn check(&mut self, child: &str) {
+        let Some(parents) = self.index.parents_of(child).map(<[String]>::to_vec) else {
+            return;
+        };
+        let reads = parents.iter().map(|p| self.records.read(p));
+        let states = match futures::future::try_join_all(reads).await {
+            Ok(s) => s,
+            Err(e) => {
+                warn!(task_id = %child, error = %e, "cannot read dependencies; checked again later");
+                self.recheck_later(child);
+                return;
+            }
+        };
+        // No record while a child is held: not written yet (`tracking = "terminal"` or a
+        // parent of the same chunk) — it exists, it was checked at intake.
+        let view = parents.iter().zip(&states).map(|(p, c)| {
+            let parent = match c.record.as_ref() {
+                None => Parent::Pending,
+                Some(r) => Parent::of(Some(r)),
+            };
+            (p.as_str(), parent)
+        });
+        match plan::readiness(view) {
+            Readiness::Wait => {}
+            Readiness::Ready => self.release(child).await,
+            Readiness::Blocked { parent, state } => {
+                if let Some((id, state)) = self.fail(child, &parent, state).await {
+                    Box::pin(self.finished(id, state)).await;
+                }
+            }
+        }
+    }
+
+    fn recheck_later(&self, id: &str) {
+        let me = self.me.clone();
+        let id = id.to_owned();
+        tokio::spawn(async move {
+            tokio::time::sleep(RELEASE_RETRY).await;
+            me.send(Event::Recheck { id });
+        });
+    }
+
+    /// Dispatches a held child whose parents all succeeded: claim by `scheduled → queued`
+    /// (compare-and-set), route (fan out shards), publish, then delete the held entry.
+    async fn release(&mut self, child: &str) {
+        let Some(parents) = self.index.remove(child) else {
+            return;
+        };
+        let entry = match self.state.get(held_key(child)).await {
+            Ok(Some(v)) => match HeldEntry::parse(&v) {
+                Ok(e) => e,
+                Err(e) => {
+                    warn!(task_id = %child, error = %e, "held entry unusable; dropped");
+                    return;
+                }
+            },
+            Ok(None) => return,
+            Err(e) => {
+                warn!(task_id = %child, error = %e, "cannot read held entry; checked again later");
+                self.index.hold(child, &parents);
+                self.recheck_later(child);
+                return;
+            }
+        };
+        let task = match entry.open(&self.ctx.keys, &self.ctx.config.codec) {
+            Ok(t) => t,
+            Err(e) => {
+                warn!(task_id = %child, error = %e, "held task does not open; kept for a key rollout");
+                return;
+            }
+        };
+        match self.claim(child).await {
+            Ok(Claim::Go) => {}
+            Ok(Claim::Done(state)) => {
+                self.drop_entry(child).await;
+                if state.is_terminal() && state != TaskState::Succeeded {
+                    Box::pin(self.finished(child.to_owned(), state)).await;
+                }
+                return;
+            }
+            Err(e) => {
+                warn!(task_id = %child, error = %e, "cannot claim a released task; checked again later");
+                self.index.hold(child, &parents);
+                self.recheck_later(child);
+                return;
+            }
+        }
+        let partition = match self.pipeline.route(&task).await {
+            Ok(p) => p,
+            Err(e) => {
+                warn!(task_id = %child, error = %e, "cannot route a released task; checked again later");
+                self.index.hold(child, &parents);
+                self.recheck_later(child);
+                return;
+            }
+        };
+        let mut scheduling = HashMap::new();
+        scheduling.insert(
+            task.id.clone(),
+            Scheduling {
+                depends_on: Vec::new(),
+                shards: shards_of(entry.shards),
+            },
+        );
+        let routed = vec![Routed {
+            task,
+            from: 0,
+            partition,
+        }];
+        let routed = shards::expand(&mut self.pipeline, routed, &scheduling).await;
+        if !self.pipeline.send(routed).await.is_empty() {
+            warn!(task_id = %child, "released task not dispatched; checked again later");
+            self.index.hold(child, &parents);
+            self.recheck_later(child);
+            return;
+        }
+        self.ctx.metrics.deps_released.inc();
+        debug!(task_id = %child, "dependencies succeeded; dispatched");
+        self.drop_entry(child).await;
+    }
+
+    /// Moves the child's record from `scheduled` to `queued`. A record already `queued` was
+    /// claimed by a leader that died before deleting the entry: dispatch again.
+    async fn claim(&self, id: &str) -> Result<Claim, String> {
+        for _ in 0..CAS_ATTEMPTS {
+            let current = self.records.read(id).await?;
+            let Some(record) = current.record else {
+                return Ok(Claim::Go);
+            };
+            match record.state {
+                TaskState::Scheduled => {
+                    let mut next = record.clone();
+                    next.state = TaskState::Queued;
+                    match self.records.write(id, current.revision, &next).await {
+                        Ok(_) => {
+                            self.ctx.events.emit(&next);
+                            return Ok(Claim::Go);
+                        }
+                        Err(WriteError::Conflict) => continue,
+                        Err(WriteError::Nats(e)) => return Err(e),
+                    }
+                }
+                TaskState::Queued => return Ok(Claim::Go),
+                other => return Ok(Claim::Done(other)),
+            }
+        }
+        Err(format!("the record of {id} kept changing"))
+    }
+
+    /// Records a held child `upstream_failed` because `parent` ended in `state`. Returns the
+    /// child's own end, for its dependents, when it changed.
+    async fn fail(
+        &mut self,
+        child: &str,
+        parent: &str,
+        state: TaskState,
+    ) -> Option<(String, TaskState)> {
+        let parents = self.index.remove(child)?;
+        for _ in 0..CAS_ATTEMPTS {
+            let current = match self.records.read(child).await {
+                Ok(c) => c,
+                Err(e) => {
+                    warn!(task_id = %child, error = %e, "cannot read a blocked task; checked again later");
+                    self.index.hold(child, &parents);
+                    self.recheck_later(child);
+                    return None;
+                }
+            };
+            let base = match current.record {
+                Some(r) if r.state.is_terminal() => {
+                    self.drop_entry(child).await;
+                    return Some((child.to_owned(), r.state));
+                }
+                Some(r) => r,
+                None => match self.entry_record(child).await {
+                    Some(r) => r,
+                    None => {
+                        self.drop_entry(child).await;
+                        return None;
+                    }
+                },
+            };
+            let record = plan::upstream_failed(base, parent, state, chrono::Utc::now());
+            match self.records.write(child, current.revision, &record).await {
+                Ok(_) => {
+                    info!(task_id = %child, %parent, "upstream_failed");
+                    self.ctx.metrics.deps_upstream_failed.inc();
+                    self.ctx.events.emit(&record);
+                    self.drop_entry(child).await;
+                    return Some((child.to_owned(), TaskState::UpstreamFailed));
+                }
+                Err(WriteError::Conflict) => continue,
+                Err(WriteError::Nats(e)) => {
+                    warn!(task_id = %child, error = %e, "cannot write upstream_failed; checked again later");
+                    self.index.hold(child, &parents);
+                    self.recheck_later(child);
+                    return None;
+                }
+            }
+        }
+        self.index.hold(child, &parents);
+        self.recheck_later(child);
+        None
+    }
+
+    /// A record for a held task whose record is gone (expired): from its sealed task.
+    async fn entry_record(&self, id: &str) -> Option<TaskRecord> {
+        let v = self.state.get(held_key(id)).await.ok()??;
+        let task = HeldEntry::parse(&v)
+            .ok()?
+            .open(&self.ctx.keys, &self.ctx.config.codec)
+            .ok()?;
+        Some(plan::scheduled_record(&task))
+    }
+
+    async fn drop_entry(&self, id: &str) {
+        if let Err(e) = self.state.purge(held_key(id)).await {
+            debug!(task_id = %id, error = %e, "held entry not removed; the next rebuild drops it");
+        }
+    }
+}
+
+enum Claim {
+    Go,
+    Done(TaskState),
+}
