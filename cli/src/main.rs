@@ -67,6 +67,9 @@ enum Command {
     Dlq(cmd::dlq::DlqCommand),
     /// Open a sealed envelope of the work stream by stream sequence.
     Inspect(cmd::inspect::InspectArgs),
+    /// Cron and event-triggered schedules: add, ls, rm, pause, resume, trigger.
+    #[command(subcommand)]
+    Schedule(cmd::schedule::ScheduleCommand),
 }
 
 #[derive(Debug, Subcommand)]
@@ -153,6 +156,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Queues(a) => Ok(finish(cmd::queues::run(a).await)),
         Command::Dlq(a) => Ok(finish(cmd::dlq::run(a).await)),
         Command::Inspect(a) => Ok(finish(cmd::inspect::run(a).await)),
+        Command::Schedule(a) => Ok(finish(cmd::schedule::run(a).await)),
         Command::Up(args) => local::up(args).await,
         Command::Init { connect, replicas } => {
             let names = connect.names()?;

@@ -15,6 +15,7 @@
 //! | [`api`] | how each request of the API (§1.3) is answered, on every replica: submit, status, cancel, retry |
 //! | [`outcomes`] | what each worker outcome does: retry timer, dead-letter copy, record, event (via `drover_shared::outcome::decide`) |
 //! | [`due`] | whether a fired retry timer's task runs again |
+//! | [`schedule`] | when cron schedules fire (misfire, overlap, DST) and which task each trigger message makes; the schedule API |
 //! | [`events`] | which lifecycle events are published, grouped per queue and state |
 
 pub mod api;
@@ -29,3 +30,4 @@ pub mod metrics;
 pub mod outcomes;
 pub mod records;
 pub mod run;
+pub mod schedule;

@@ -26,6 +26,8 @@ pub enum Endpoint<'a> {
     Cancel,
     /// `<prefix>.api.retry`.
     Retry,
+    /// `<prefix>.api.schedule.<op>`, with the raw operation token (see `crate::schedule`).
+    Schedule(&'a str),
 }
 
 impl Endpoint<'_> {
@@ -36,6 +38,7 @@ impl Endpoint<'_> {
             Self::Status => "status",
             Self::Cancel => "cancel",
             Self::Retry => "retry",
+            Self::Schedule(_) => "schedule",
         }
     }
 }
@@ -49,7 +52,10 @@ pub fn route<'a>(names: &Names, subject: &'a str) -> Option<Endpoint<'a>> {
         "status" => Some(Endpoint::Status),
         "cancel" => Some(Endpoint::Cancel),
         "retry" => Some(Endpoint::Retry),
-        _ => rest.strip_prefix("submit.").map(Endpoint::Submit),
+        _ => rest
+            .strip_prefix("submit.")
+            .map(Endpoint::Submit)
+            .or_else(|| rest.strip_prefix("schedule.").map(Endpoint::Schedule)),
     }
 }
 
