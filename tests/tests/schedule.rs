@@ -22,7 +22,10 @@ fn dispatcher(name: &str, url: &str) -> DroverProcess {
         &["--nats-url".into(), url.into(), "--id".into(), name.into()],
         &[
             ("DROVER_KEYS", TEST_KEYS.into()),
-            ("DROVER_LOG", "info,drover_dispatcher::schedule=debug".into()),
+            (
+                "DROVER_LOG",
+                "info,drover_dispatcher::schedule=debug".into(),
+            ),
             ("DROVER_QUEUES__DEFAULT__PARTITIONS", "2".into()),
         ],
     )
@@ -177,7 +180,13 @@ async fn api_and_cli_validate_pause_resume_trigger_and_run_with_a_worker() {
     .await;
     assert_eq!(r["error"]["code"], "invalid_field", "{r}");
     assert_eq!(r["error"]["field"], "cron", "{r}");
-    assert!(r["error"]["message"].as_str().unwrap().contains("*/5 * * * *"), "{r}");
+    assert!(
+        r["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("*/5 * * * *"),
+        "{r}"
+    );
     let r = api(
         &e.client,
         "schedule.put",
@@ -185,7 +194,13 @@ async fn api_and_cli_validate_pause_resume_trigger_and_run_with_a_worker() {
     )
     .await;
     assert_eq!(r["error"]["field"], "timezone", "{r}");
-    assert!(r["error"]["message"].as_str().unwrap().contains("Europe/Berlin"), "{r}");
+    assert!(
+        r["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("Europe/Berlin"),
+        "{r}"
+    );
     let r = api(
         &e.client,
         "schedule.put",
@@ -200,10 +215,22 @@ async fn api_and_cli_validate_pause_resume_trigger_and_run_with_a_worker() {
     let out = drover_cli(&url, &["schedule", "add", "bad", "noop", "--cron", "* * *"]);
     assert_eq!(out.status.code(), Some(2));
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("--cron") && stderr.contains("*/5 * * * *"), "{stderr}");
+    assert!(
+        stderr.contains("--cron") && stderr.contains("*/5 * * * *"),
+        "{stderr}"
+    );
     let out = drover_cli(
         &url,
-        &["schedule", "add", "bad", "noop", "--cron", "* * * * *", "--tz", "Mars/Base"],
+        &[
+            "schedule",
+            "add",
+            "bad",
+            "noop",
+            "--cron",
+            "* * * * *",
+            "--tz",
+            "Mars/Base",
+        ],
     );
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("--tz"));
@@ -211,12 +238,28 @@ async fn api_and_cli_validate_pause_resume_trigger_and_run_with_a_worker() {
     // A per-second schedule run by a real worker to `succeeded`, added through the CLI.
     let out = drover_cli(
         &url,
-        &["schedule", "add", "tick", "noop", "--cron", "* * * * * *", "--overlap", "skip"],
+        &[
+            "schedule",
+            "add",
+            "tick",
+            "noop",
+            "--cron",
+            "* * * * * *",
+            "--overlap",
+            "skip",
+        ],
     );
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let done = eventually(Duration::from_secs(20), "three succeeded runs", || async {
         let r = runs(&e.tasks, "tick").await;
-        let ok = r.values().filter(|t| t.state == TaskState::Succeeded).count();
+        let ok = r
+            .values()
+            .filter(|t| t.state == TaskState::Succeeded)
+            .count();
         (ok >= 3).then_some(r)
     })
     .await;
@@ -228,7 +271,10 @@ async fn api_and_cli_validate_pause_resume_trigger_and_run_with_a_worker() {
     let ls: Value = serde_json::from_slice(&out.stdout).unwrap();
     let tick = &ls["schedules"][0];
     assert_eq!(tick["id"], "tick", "{ls}");
-    assert!(tick["next_fire"].is_string() && tick["last_fire"].is_string(), "{ls}");
+    assert!(
+        tick["next_fire"].is_string() && tick["last_fire"].is_string(),
+        "{ls}"
+    );
 
     // Pause: no fire while paused; resume: fires again, without catching up the pause.
     let r = api(&e.client, "schedule.pause", json!({"id":"tick"})).await;
@@ -311,7 +357,11 @@ async fn per_second_schedules_survive_two_leader_kills() {
     // catch_up: every second from the first fire to the pause, each exactly once (one id
     // per second; a second fired twice would be one record, so check the intake dropped
     // the repeats rather than the records).
-    assert!(holes(&all).is_empty(), "catch_up missed seconds: {:?}", holes(&all));
+    assert!(
+        holes(&all).is_empty(),
+        "catch_up missed seconds: {:?}",
+        holes(&all)
+    );
     assert!(*all.first().unwrap() <= start + 1, "{all:?}");
     assert!(*all.last().unwrap() >= end - 2, "{all:?}");
     // fire_once: no second twice (ids), and each leader gap became at most one hole, whose
@@ -366,11 +416,14 @@ async fn after_all_dispatchers_were_down_each_misfire_policy_and_triggers_do_wha
     d1.terminate(Duration::from_secs(10));
     let js = jetstream::new(e.client.clone());
     for n in 0..3 {
-        js.publish("shop.orders.created", json!({ "order": n }).to_string().into())
-            .await
-            .unwrap()
-            .await
-            .expect("the trigger stream captures the subject while no dispatcher runs");
+        js.publish(
+            "shop.orders.created",
+            json!({ "order": n }).to_string().into(),
+        )
+        .await
+        .unwrap()
+        .await
+        .expect("the trigger stream captures the subject while no dispatcher runs");
     }
     tokio::time::sleep(Duration::from_secs(10)).await;
     assert!(Utc::now().timestamp() > b + 1);
@@ -382,7 +435,11 @@ async fn after_all_dispatchers_were_down_each_misfire_policy_and_triggers_do_wha
         (r.len() >= 2).then_some(r)
     })
     .await;
-    assert_eq!(cu.keys().copied().collect::<Vec<_>>(), [a, b], "catch_up: every missed time");
+    assert_eq!(
+        cu.keys().copied().collect::<Vec<_>>(),
+        [a, b],
+        "catch_up: every missed time"
+    );
     let cu2 = runs(&e.tasks, "cu2").await;
     assert_eq!(
         cu2.keys().copied().collect::<Vec<_>>(),
@@ -390,7 +447,11 @@ async fn after_all_dispatchers_were_down_each_misfire_policy_and_triggers_do_wha
         "catch_up_limit 2: the newest two"
     );
     let fo = runs(&e.tasks, "fo").await;
-    assert_eq!(fo.keys().copied().collect::<Vec<_>>(), [b], "fire_once: one run");
+    assert_eq!(
+        fo.keys().copied().collect::<Vec<_>>(),
+        [b],
+        "fire_once: one run"
+    );
     let fo_rec = &fo[&b];
     let fire = DateTime::from_timestamp(b, 0).unwrap();
     assert!(
@@ -400,7 +461,11 @@ async fn after_all_dispatchers_were_down_each_misfire_policy_and_triggers_do_wha
     assert!(runs(&e.tasks, "sk").await.is_empty(), "skip: no run");
 
     let ov = runs(&e.tasks, "ov").await;
-    assert_eq!(ov.len(), 1, "overlap skip: only the first run while it is queued: {ov:?}");
+    assert_eq!(
+        ov.len(),
+        1,
+        "overlap skip: only the first run while it is queued: {ov:?}"
+    );
 
     let orders = eventually(Duration::from_secs(10), "three triggered runs", || async {
         let r = records_with_prefix(&e.tasks, "trig-orders-").await;
@@ -415,4 +480,47 @@ async fn after_all_dispatchers_were_down_each_misfire_policy_and_triggers_do_wha
     let mut stream = e.js.get_stream("DROVER_TRIGGERS").await.unwrap();
     let subjects = stream.info().await.unwrap().config.subjects.clone();
     assert_eq!(subjects, ["drover.trigger.>"]);
+}
+
+/// The benchmark of docs/benchmarks.md: lateness of per-second fires, from the fire instant to
+/// the run's `submitted_at` (stamped by the leader's intake, so it includes the evaluator's
+/// publish and the intake's fetch), over 4 schedules for 10 s on one dispatcher.
+#[tokio::test]
+async fn fire_lateness_is_milliseconds() {
+    let e = env().await;
+    let url = e.server.client_url();
+    let _d = dispatcher("d1", &url);
+    wait_leader(&e.js, &e.names, None, Duration::from_secs(20)).await;
+    let ids = ["l1", "l2", "l3", "l4"];
+    for id in ids {
+        put(
+            &e.client,
+            json!({"id":id,"cron":"* * * * * *","task":{"type":"noop"}}),
+        )
+        .await;
+    }
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    for id in ids {
+        api(&e.client, "schedule.pause", json!({ "id": id })).await;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let mut late_ms: Vec<i64> = Vec::new();
+    for id in ids {
+        for (t, rec) in runs(&e.tasks, id).await {
+            let fire = DateTime::from_timestamp(t, 0).unwrap();
+            late_ms.push((rec.submitted_at - fire).num_milliseconds());
+        }
+    }
+    late_ms.sort_unstable();
+    assert!(late_ms.len() >= 30, "{late_ms:?}");
+    let pct = |p: f64| late_ms[((late_ms.len() as f64 - 1.0) * p).round() as usize];
+    eprintln!(
+        "fire lateness over {} fires: p50 {} ms, p99 {} ms, max {} ms",
+        late_ms.len(),
+        pct(0.5),
+        pct(0.99),
+        late_ms[late_ms.len() - 1]
+    );
+    assert!(late_ms[0] >= 0, "a run before its fire time: {late_ms:?}");
+    assert!(pct(0.5) < 250, "median lateness {} ms", pct(0.5));
 }
