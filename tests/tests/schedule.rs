@@ -331,14 +331,12 @@ async fn per_second_schedules_survive_two_leader_kills() {
         .await;
     }
     let start = Utc::now().timestamp();
-    let mut next = 4;
     for round in 0..2 {
         tokio::time::sleep(Duration::from_secs(6)).await;
         let leader = leader_id(&e.js, &e.names).await.expect("a leader");
         let victim = fleet.iter().position(|d| d.name() == leader).unwrap();
         fleet.remove(victim).kill();
-        fleet.push(dispatcher(&format!("d{next}"), &url));
-        next += 1;
+        fleet.push(dispatcher(&format!("d{}", 4 + round), &url));
         wait_leader(&e.js, &e.names, Some(&leader), Duration::from_secs(20)).await;
         eprintln!("round {round}: killed {leader}");
     }

@@ -21,7 +21,7 @@ use std::time::Duration;
 #[derive(Debug, clap::Subcommand)]
 pub enum ScheduleCommand {
     /// Create or replace a schedule: a cron expression (or a trigger subject) and a task.
-    Add(AddArgs),
+    Add(Box<AddArgs>),
     /// List schedules with their next and last fire times.
     Ls {
         /// Common flags.
@@ -159,7 +159,7 @@ pub fn build_schedule(
 /// `drover schedule`.
 pub async fn run(cmd: ScheduleCommand) -> Result<Exit, CliError> {
     match cmd {
-        ScheduleCommand::Add(a) => add(a).await,
+        ScheduleCommand::Add(a) => add(*a).await,
         ScheduleCommand::Ls { common } => ls(&common).await,
         ScheduleCommand::Rm(a) => simple(a, "delete").await,
         ScheduleCommand::Pause(a) => simple(a, "pause").await,
