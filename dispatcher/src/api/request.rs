@@ -377,7 +377,10 @@ mod tests {
         assert_eq!(route(&n, "drover.api.status"), Some(Endpoint::Status));
         assert_eq!(route(&n, "drover.api.cancel"), Some(Endpoint::Cancel));
         assert_eq!(route(&n, "drover.api.retry"), Some(Endpoint::Retry));
-        assert_eq!(route(&n, "drover.api.schedule.put"), None);
+        assert_eq!(
+            route(&n, "drover.api.schedule.put"),
+            Some(Endpoint::Schedule("put"))
+        );
         assert_eq!(route(&n, "other.api.status"), None);
         assert!(check_queue(&n, "mail").is_ok());
         let e = check_queue(&n, "a.b").unwrap_err();
