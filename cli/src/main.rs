@@ -71,6 +71,9 @@ enum Command {
     Inspect(cmd::inspect::InspectArgs),
     /// Load-test a fleet (spawned locally by default) next to raw JetStream on the same server.
     Bench(bench::BenchArgs),
+    /// Cron and event-triggered schedules: add, ls, rm, pause, resume, trigger.
+    #[command(subcommand)]
+    Schedule(cmd::schedule::ScheduleCommand),
 }
 
 #[derive(Debug, Subcommand)]
@@ -157,6 +160,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Queues(a) => Ok(finish(cmd::queues::run(a).await)),
         Command::Dlq(a) => Ok(finish(cmd::dlq::run(a).await)),
         Command::Inspect(a) => Ok(finish(cmd::inspect::run(a).await)),
+        Command::Schedule(a) => Ok(finish(cmd::schedule::run(a).await)),
         Command::Up(args) => local::up(args).await,
         Command::Bench(args) => bench::run(args).await,
         Command::Init { connect, replicas } => {

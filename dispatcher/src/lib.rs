@@ -18,6 +18,7 @@
 //! | [`due`] | whether a fired timer's task runs (now, or held until its due instant) |
 //! | [`deps`] | when a task with `depends_on` starts or fails upstream, and where shard tasks go |
 //! | [`due`] | whether a fired retry timer's task runs again |
+//! | [`schedule`] | when cron schedules fire (misfire, overlap, DST) and which task each trigger message makes; the schedule API |
 //! | [`events`] | which lifecycle events are published, grouped per queue and state |
 
 pub mod api;
@@ -34,3 +35,4 @@ pub mod metrics;
 pub mod outcomes;
 pub mod records;
 pub mod run;
+pub mod schedule;

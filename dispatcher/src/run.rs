@@ -339,12 +339,21 @@ async fn campaign(
                                 }
                             }
                         });
+                        let schedules = tokio::spawn({
+                            let (ctx, t) = (ctx.clone(), t.clone());
+                            async move {
+                                if let Err(err) = crate::schedule::eval::run(ctx, e, t).await {
+                                    error!(error = %err, "evaluating schedules failed");
+                                }
+                            }
+                        });
                         if let Err(err) = leader::lead(ctx, e, t).await {
                             error!(error = %err, "leading failed");
                         }
                         let _ = assigning.await;
                         let _ = outcomes.await;
                         let _ = due.await;
+                        let _ = schedules.await;
                     });
                     leading = Some((token, handle));
                 }

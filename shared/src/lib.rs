@@ -14,6 +14,7 @@
 //! | [`outcome`] | worker → leader outcome messages and the leader's per-outcome decision | §2, §5, §7 |
 //! | [`partition`] | key → partition (FNV-1a 32 mod P) | §4 |
 //! | [`ring`] | partition → worker: bounded-load consistent hashing | §4 |
+//! | [`cron`] | schedules: the schedule object, cron expressions in IANA zones with the DST rules, misfire decisions | §1.4 |
 //! | [`retry`] | the retry/backoff policy, jitter passed in | §1.1, §7 |
 //! | [`config`] | flags and `DROVER_*` variables common to every binary | §10 |
 //! | [`settings`] | layered configuration: defaults → TOML → `DROVER_*` → flags, validation, `--print-config` | §9, §10 |
@@ -27,6 +28,7 @@ pub mod bench;
 pub mod config;
 #[cfg(feature = "nats")]
 pub mod connect;
+pub mod cron;
 pub mod envelope;
 pub mod error;
 pub mod keyring;

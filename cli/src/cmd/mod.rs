@@ -12,6 +12,7 @@
 //! | [`leader`] | `leader`: the election lease |
 //! | [`queues`] | `queues`: backlog per queue and partition |
 //! | [`dlq`] | `dlq ls/show/replay/purge` over `<PREFIX>_DLQ` |
+//! | [`schedule`] | `schedule add/ls/rm/pause/resume/trigger` over `<prefix>.api.schedule.*` and `<prefix>-schedules` |
 //! | [`inspect`] | `inspect`: open a sealed envelope of `<PREFIX>_WORK` |
 //! | [`output`] | pure: tables, durations, ages |
 //! | [`nats`] | the NATS helpers every command shares |
@@ -28,6 +29,7 @@ pub mod leader;
 pub mod nats;
 pub mod output;
 pub mod queues;
+pub mod schedule;
 pub mod status;
 pub mod submit;
 pub mod tasks;

@@ -7,6 +7,7 @@
 //! | [`request`] | pure: routing, request parsing, submit ids, the cancel/retry record transitions |
 //! | `submit` | `<prefix>.api.submit.<queue>`: validate like the intake, then publish into `DROVER_SUBMIT` |
 //! | `control` | `<prefix>.api.{status,cancel,retry}` over `drover-tasks` (compare-and-set on revisions) |
+//! | `crate::schedule` | `<prefix>.api.schedule.{put,delete,pause,resume,trigger}` over `drover-schedules` |
 //!
 //! Every request gets exactly one reply: `{"ok":true,...}` or the error object of §1.5. A
 //! handler that hits a NATS failure answers `unavailable`; one that panics answers `internal`.
@@ -100,6 +101,7 @@ pub(crate) struct Api {
     ctx: ApiContext,
     tasks: kv::Store,
     unique: UniqueStore,
+    schedules: crate::schedule::api::ScheduleApi,
 }
 
 /// `unavailable`, for a NATS request that failed: the same request may succeed later.
@@ -128,9 +130,22 @@ pub async fn serve_api(ctx: ApiContext, cancel: CancellationToken) -> Result<(),
             bucket: ctx.names.bucket("unique"),
             reason,
         })?;
+    let schedules = crate::schedule::api::ScheduleApi::open(
+        ctx.js.clone(),
+        ctx.names.clone(),
+        crate::intake::IntakeLimits {
+            max_payload: ctx.max_payload,
+            default_timeout_ms: ctx.default_timeout_ms,
+        },
+    )
+    .await
+    .map_err(|reason| ServeError::Bucket {
+        bucket: ctx.names.bucket("schedules"),
+        reason,
+    })?;
     let group = ctx.queue_group();
     let mut subs: Vec<Subscriber> = Vec::new();
-    for endpoint in ["submit.>", "status", "cancel", "retry"] {
+    for endpoint in ["submit.>", "status", "cancel", "retry", "schedule.*"] {
         let subject = ctx.names.api(endpoint);
         let sub = ctx
             .client
@@ -143,7 +158,12 @@ pub async fn serve_api(ctx: ApiContext, cancel: CancellationToken) -> Result<(),
         subs.push(sub);
     }
     info!(replica = %ctx.replica, group = %group, "serving the request API");
-    let api = Arc::new(Api { ctx, tasks, unique });
+    let api = Arc::new(Api {
+        ctx,
+        tasks,
+        unique,
+        schedules,
+    });
     let mut incoming = futures::stream::select_all(subs);
     let permits = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
     let mut running = JoinSet::new();
@@ -250,6 +270,7 @@ impl Api {
             Endpoint::Status => self.status(&request::parse_id_request(&msg.payload)?).await,
             Endpoint::Cancel => self.cancel(&request::parse_id_request(&msg.payload)?).await,
             Endpoint::Retry => self.retry(&request::parse_id_request(&msg.payload)?).await,
+            Endpoint::Schedule(op) => self.schedules.handle(op, &msg.payload).await,
         }
     }
 }

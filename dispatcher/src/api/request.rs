@@ -26,6 +26,8 @@ pub enum Endpoint<'a> {
     Cancel,
     /// `<prefix>.api.retry`.
     Retry,
+    /// `<prefix>.api.schedule.<op>`, with the raw operation token (see `crate::schedule`).
+    Schedule(&'a str),
 }
 
 impl Endpoint<'_> {
@@ -36,6 +38,7 @@ impl Endpoint<'_> {
             Self::Status => "status",
             Self::Cancel => "cancel",
             Self::Retry => "retry",
+            Self::Schedule(_) => "schedule",
         }
     }
 }
@@ -49,7 +52,10 @@ pub fn route<'a>(names: &Names, subject: &'a str) -> Option<Endpoint<'a>> {
         "status" => Some(Endpoint::Status),
         "cancel" => Some(Endpoint::Cancel),
         "retry" => Some(Endpoint::Retry),
-        _ => rest.strip_prefix("submit.").map(Endpoint::Submit),
+        _ => rest
+            .strip_prefix("submit.")
+            .map(Endpoint::Submit)
+            .or_else(|| rest.strip_prefix("schedule.").map(Endpoint::Schedule)),
     }
 }
 
@@ -371,7 +377,10 @@ mod tests {
         assert_eq!(route(&n, "drover.api.status"), Some(Endpoint::Status));
         assert_eq!(route(&n, "drover.api.cancel"), Some(Endpoint::Cancel));
         assert_eq!(route(&n, "drover.api.retry"), Some(Endpoint::Retry));
-        assert_eq!(route(&n, "drover.api.schedule.put"), None);
+        assert_eq!(
+            route(&n, "drover.api.schedule.put"),
+            Some(Endpoint::Schedule("put"))
+        );
         assert_eq!(route(&n, "other.api.status"), None);
         assert!(check_queue(&n, "mail").is_ok());
         let e = check_queue(&n, "a.b").unwrap_err();
