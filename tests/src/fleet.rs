@@ -36,12 +36,22 @@ pub fn drover_bin(bin: &str) -> PathBuf {
         // same way and nothing the test run already built is rebuilt.
         &["build", "--quiet", "--workspace", "--bins", "--tests"]
     };
-    let out = Command::new(cargo)
-        .current_dir(&root)
-        .args(args)
-        // Inherited from `cargo test`, it would make build scripts that track it (ring, under
-        // async-nats) rebuild everything on every run.
-        .env_remove("CARGO_MANIFEST_DIR")
+    let mut cmd = Command::new(cargo);
+    cmd.current_dir(&root).args(args);
+    // `cargo test` runs each test binary with its package's variables (CARGO_MANIFEST_DIR,
+    // CARGO_PKG_*, OUT_DIR, ...), which differ between test crates. Build scripts that track
+    // such a variable (ring, under async-nats) would rerun and rebuild half the dependency tree
+    // on every switch between crates, so the nested build gets the environment the outer
+    // `cargo test` had: cargo's own configuration variables stay, per-package ones go.
+    for (name, _) in std::env::vars_os() {
+        let Some(name) = name.to_str() else { continue };
+        let per_package = (name.starts_with("CARGO_") && !is_cargo_config_var(name))
+            || name == "OUT_DIR";
+        if per_package {
+            cmd.env_remove(name);
+        }
+    }
+    let out = cmd
         .output()
         .expect("cannot run cargo to build a Drover binary");
     assert!(
@@ -62,6 +72,24 @@ pub fn drover_bin(bin: &str) -> PathBuf {
     );
     built.insert(bin.to_owned(), path.clone());
     path
+}
+
+/// Whether `name` is one of cargo's configuration variables (`CARGO_HOME`, `CARGO_TARGET_DIR`,
+/// `CARGO_BUILD_*`, `CARGO_PROFILE_*`, …) rather than one it sets for a package's test run.
+fn is_cargo_config_var(name: &str) -> bool {
+    const KEEP: &[&str] = &["CARGO_HOME", "CARGO_TARGET_DIR", "CARGO_INCREMENTAL"];
+    const KEEP_PREFIXES: &[&str] = &[
+        "CARGO_BUILD_",
+        "CARGO_PROFILE_",
+        "CARGO_NET_",
+        "CARGO_HTTP_",
+        "CARGO_REGISTRIES_",
+        "CARGO_REGISTRY_",
+        "CARGO_TERM_",
+        "CARGO_TARGET_",
+    ];
+    KEEP.contains(&name)
+        || (KEEP_PREFIXES.iter().any(|p| name.starts_with(p)) && name != "CARGO_TARGET_TMPDIR")
 }
 
 /// A fixed envelope keyring for tests (a secret nowhere else).
