@@ -35,13 +35,16 @@ async fn scenario(kind: FaultKind) -> ChaosReport {
         ..ChaosConfig::default()
     })
     .await;
+    eprintln!("chaos {kind}: fleet up after {:.1?}", started.elapsed());
     fleet.start_load();
     tokio::time::sleep(BEFORE).await;
     // Always the second candidate (worker, node): deterministic, and not the first worker
     // started, which tends to hold the most partitions.
     fleet.inject(kind, &mut |n| 1 % n.max(1)).await;
     tokio::time::sleep(AFTER).await;
+    let stopping = Instant::now();
     let report = fleet.finish(QUIESCE).await;
+    eprintln!("chaos {kind}: quiescent {:.1?} after the load stopped", stopping.elapsed());
     eprintln!(
         "chaos {kind} ({:.1?} in all):\n{report}",
         started.elapsed()
