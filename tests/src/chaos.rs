@@ -22,6 +22,7 @@ use crate::{DroverProcess, NatsCluster, TEST_KEYS};
 use async_nats::HeaderMap;
 use async_nats::jetstream::{self, context::Context};
 use drover_shared::names::Names;
+use drover_shared::topology::{self, TopologyConfig};
 use futures::StreamExt;
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
@@ -467,9 +468,7 @@ pub fn check(
             .map(|s| s - fault.at_ms);
         let worst_latency_ms = accepted
             .iter()
-            .filter(|a| {
-                a.ack_ms >= fault.at_ms && a.ack_ms < (fault.at_ms + 10_000).min(next_at)
-            })
+            .filter(|a| a.ack_ms >= fault.at_ms && a.ack_ms < (fault.at_ms + 10_000).min(next_at))
             .filter_map(|a| first_start(&a.id).map(|s| s - a.ack_ms))
             .max();
         report.faults.push(FaultSummary {
@@ -571,11 +570,13 @@ impl ChaosFleet {
     pub async fn start(cfg: ChaosConfig) -> Self {
         let cluster = Arc::new(NatsCluster::start(3).await);
         let client = cluster.connect().await;
+        let names = Names::default();
+        provision_with_retries(&client, &names, &cfg).await;
         let js = jetstream::new(client);
         let dir = tempfile::tempdir().expect("temp dir");
         let fleet = Self {
             cluster,
-            names: Names::default(),
+            names,
             js,
             cfg,
             dir,
@@ -690,7 +691,10 @@ impl ChaosFleet {
         let name = format!("w{n}");
         let mut env = self.common_env();
         env.push(("DROVER_CONFIG", path_string(&self.worker_config_path())));
-        env.push(("DROVER_WORKER__HEARTBEAT_MS", self.cfg.heartbeat_ms.to_string()));
+        env.push((
+            "DROVER_WORKER__HEARTBEAT_MS",
+            self.cfg.heartbeat_ms.to_string(),
+        ));
         env.push((
             "DROVER_WORKER__FENCE_MARGIN_MS",
             self.cfg.fence_margin_ms.to_string(),
@@ -1112,6 +1116,32 @@ impl ChaosFleet {
             &self.executions(),
             &self.faults(),
         )
+    }
+}
+
+/// Provisions the R3 topology exactly as the fleet's processes will (so theirs is a no-op),
+/// retrying while a fresh cluster still refuses placement ("no suitable peers" until every
+/// peer's storage is known to the meta leader) or times out.
+///
+/// # Panics
+/// If it still fails after a minute.
+async fn provision_with_retries(client: &async_nats::Client, names: &Names, cfg: &ChaosConfig) {
+    let topology = TopologyConfig {
+        replicas: 3,
+        lease_ms: cfg.lease_ms,
+        worker_ttl_ms: cfg.worker_ttl_ms,
+        ..TopologyConfig::default()
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        match topology::provision(client, names, &topology).await {
+            Ok(_) => return,
+            Err(e) if Instant::now() < deadline => {
+                eprintln!("chaos: provisioning failed, retrying: {e}");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            Err(e) => panic!("cannot provision the R3 topology: {e}"),
+        }
     }
 }
 

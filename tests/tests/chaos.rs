@@ -12,8 +12,8 @@
 //!   docs/reliability.md records its last result.
 
 use drover_tests::chaos::{
-    Accepted, ChaosConfig, ChaosFleet, ChaosReport, Execution, FaultKind, FaultRecord,
-    RecordView, SplitMix, check, parse_sink,
+    Accepted, ChaosConfig, ChaosFleet, ChaosReport, Execution, FaultKind, FaultRecord, RecordView,
+    SplitMix, check, parse_sink,
 };
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -44,17 +44,21 @@ async fn scenario(kind: FaultKind) -> ChaosReport {
     tokio::time::sleep(AFTER).await;
     let stopping = Instant::now();
     let report = fleet.finish(QUIESCE).await;
-    eprintln!("chaos {kind}: quiescent {:.1?} after the load stopped", stopping.elapsed());
     eprintln!(
-        "chaos {kind} ({:.1?} in all):\n{report}",
-        started.elapsed()
+        "chaos {kind}: quiescent {:.1?} after the load stopped",
+        stopping.elapsed()
     );
+    eprintln!("chaos {kind} ({:.1?} in all):\n{report}", started.elapsed());
     if !report.is_clean() {
         eprintln!("{}", fleet.fleet_logs());
     }
     report.assert_clean();
     assert_eq!(report.faults.len(), 1, "one fault injected");
-    assert!(report.tasks >= 100, "a steady load ran: {} tasks", report.tasks);
+    assert!(
+        report.tasks >= 100,
+        "a steady load ran: {} tasks",
+        report.tasks
+    );
     assert!(
         report.faults[0].progress_after_ms.is_some(),
         "tasks accepted after the fault ran"

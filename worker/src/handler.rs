@@ -322,14 +322,7 @@ impl HandlerKind {
             Self::Builtin(b) => b.run(&ctx, &payload).await,
             Self::Exec(cfg) => {
                 let identity = crate::exec::Identity::of(&ctx);
-                crate::exec::run(
-                    cfg,
-                    &payload,
-                    &identity,
-                    ctx.deadline(),
-                    ctx.cancellation(),
-                )
-                .await
+                crate::exec::run(cfg, &payload, &identity, ctx.deadline(), ctx.cancellation()).await
             }
             Self::Http(h) => {
                 h.call(

@@ -455,8 +455,7 @@ fn set_limit(resource: Resource, soft: u64, hard: u64) -> io::Result<()> {
 /// The child's whole environment: allowed worker variables, then the configured values, then
 /// the attempt's identity (whose names the first two may not set).
 fn child_env(config: &ExecHandler, identity: &Identity) -> Vec<(OsString, OsString)> {
-    let refused =
-        |name: &str| NEVER_PASSED_ENV.contains(&name) || IDENTITY_ENV.contains(&name);
+    let refused = |name: &str| NEVER_PASSED_ENV.contains(&name) || IDENTITY_ENV.contains(&name);
     let mut env = Vec::new();
     for name in &config.env_allow {
         if refused(name) || config.env.contains_key(name) {
