@@ -11,6 +11,7 @@
 //! | [`test_connect_options`] | client options with fast reconnects, used by every `connect()` |
 //! | [`http_get`] | a tiny HTTP GET for the monitoring endpoints |
 //! | [`DroverProcess`], [`drover_bin`] | Drover's own binaries as real child processes, built once per run |
+//! | [`chaos`] | a whole fleet (3-node cluster, R3, 3 dispatchers, 3 workers) under steady load with injected faults, and the checker of its guarantees |
 //! | [`observe`] | decoding `DROVER_WORK` with the test keys, waiting for the intake to drain, finding the leader |
 //! | [`free_port`] | free loopback ports, never handed out twice in one process |
 //!
@@ -35,6 +36,7 @@
 #![warn(missing_docs)]
 
 pub mod binary;
+pub mod chaos;
 pub mod cluster;
 pub mod fleet;
 pub mod http;

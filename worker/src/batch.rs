@@ -506,6 +506,7 @@ async fn run_one(
     let metrics = shared.metrics.clone();
     let ctx = TaskContext::new(
         task.clone(),
+        Arc::from(shared.id.as_str()),
         deadline,
         ctx_token.clone(),
         shared.checkpoints.clone(),

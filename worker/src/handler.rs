@@ -111,6 +111,7 @@ pub type ProgressSink = Arc<dyn Fn(&str, f64) + Send + Sync>;
 #[derive(Clone)]
 pub struct TaskContext {
     task: Arc<Task>,
+    worker_id: Arc<str>,
     deadline: Instant,
     cancel: CancellationToken,
     checkpoints: Checkpoints,
@@ -130,6 +131,7 @@ impl TaskContext {
     /// A context for one attempt of `task`.
     pub(crate) fn new(
         task: Arc<Task>,
+        worker_id: Arc<str>,
         deadline: Instant,
         cancel: CancellationToken,
         checkpoints: Checkpoints,
@@ -137,6 +139,7 @@ impl TaskContext {
     ) -> Self {
         Self {
             task,
+            worker_id,
             deadline,
             cancel,
             checkpoints,
@@ -168,6 +171,11 @@ impl TaskContext {
     /// Shard position, for shard tasks.
     pub fn shard(&self) -> Option<ShardInfo> {
         self.task.shard
+    }
+
+    /// The id of the worker running this attempt.
+    pub fn worker_id(&self) -> &str {
+        &self.worker_id
     }
 
     /// Task type.
@@ -313,9 +321,8 @@ impl HandlerKind {
             Self::Rust(h) => h.call(ctx, payload).await,
             Self::Builtin(b) => b.run(&ctx, &payload).await,
             Self::Exec(cfg) => {
-                let env = crate::exec::shard_env(ctx.shard());
-                crate::exec::run_with_env(cfg, &payload, ctx.deadline(), ctx.cancellation(), &env)
-                    .await
+                let identity = crate::exec::Identity::of(&ctx);
+                crate::exec::run(cfg, &payload, &identity, ctx.deadline(), ctx.cancellation()).await
             }
             Self::Http(h) => {
                 h.call(

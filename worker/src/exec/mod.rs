@@ -7,6 +7,9 @@
 //!   reaches the whole tree the program starts.
 //! * **Scrubbed environment**: empty, plus the `env_allow` names copied from the worker and the
 //!   `env` values; `DROVER_KEYS` and `DROVER_PASSWORD` are never copied, whatever the list says.
+//!   Then the attempt's identity ([`Identity`]: `DROVER_TASK_ID`, `DROVER_TASK_TYPE`,
+//!   `DROVER_QUEUE`, `DROVER_ATTEMPT`, `DROVER_WORKER_ID`, and `DROVER_SHARD_INDEX` /
+//!   `DROVER_SHARD_TOTAL` for a shard), set last: the configuration cannot spoof or pre-set them.
 //! * **Working directory**: a fresh empty `0700` directory per run, removed afterwards
 //!   (`cwd = "fresh"`), or a fixed configured one.
 //! * **rlimits** set in the child: `RLIMIT_AS` = `memory_mb`, `RLIMIT_CPU` = `cpu_secs` (soft;
@@ -33,7 +36,7 @@ use std::process::{ExitStatus, Stdio};
 use std::time::Duration;
 
 use drover_shared::settings::{CwdPolicy, ExecHandler, NEVER_PASSED_ENV};
-use drover_shared::task::{ErrorKind, TaskError};
+use drover_shared::task::{ErrorKind, ShardInfo, TaskError};
 use rustix::process::{Pid, Resource, Rlimit, Signal, getrlimit, kill_process_group, setrlimit};
 use serde_json::value::RawValue;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
@@ -59,46 +62,82 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(2);
 pub async fn run(
     config: &ExecHandler,
     payload: &RawValue,
+    identity: &Identity,
     deadline: Instant,
     cancel: &CancellationToken,
-) -> Result<Box<RawValue>, TaskError> {
-    run_with_env(config, payload, deadline, cancel, &[]).await
-}
-
-/// [`run`] with `extra` variables set in the child's environment on top of the configured
-/// ones (e.g. `DROVER_SHARD_INDEX`/`DROVER_SHARD_TOTAL` for a shard task).
-pub async fn run_with_env(
-    config: &ExecHandler,
-    payload: &RawValue,
-    deadline: Instant,
-    cancel: &CancellationToken,
-    extra: &[(&str, String)],
 ) -> Result<Box<RawValue>, TaskError> {
     let workdir = Workdir::create(&config.cwd).await?;
-    let result = run_in(config, payload, deadline, cancel, workdir.path(), extra).await;
+    let result = run_in(config, payload, identity, deadline, cancel, workdir.path()).await;
     workdir.remove().await;
     result
 }
 
-/// The variables an `exec` handler gets for a shard task: `DROVER_SHARD_INDEX` and
-/// `DROVER_SHARD_TOTAL` (none for an ordinary task).
-pub fn shard_env(shard: Option<drover_shared::task::ShardInfo>) -> Vec<(&'static str, String)> {
-    match shard {
-        Some(s) => vec![
-            ("DROVER_SHARD_INDEX", s.index.to_string()),
-            ("DROVER_SHARD_TOTAL", s.total.to_string()),
-        ],
-        None => Vec::new(),
+/// Who runs what: the attempt's identity, given to the process as `DROVER_*` variables.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Identity {
+    /// Task id (`DROVER_TASK_ID`).
+    pub task_id: String,
+    /// Task type (`DROVER_TASK_TYPE`).
+    pub task_type: String,
+    /// Queue (`DROVER_QUEUE`).
+    pub queue: String,
+    /// 1-based attempt number (`DROVER_ATTEMPT`).
+    pub attempt: u32,
+    /// The running worker's id (`DROVER_WORKER_ID`).
+    pub worker_id: String,
+    /// Shard position (`DROVER_SHARD_INDEX`, `DROVER_SHARD_TOTAL`), for shard tasks.
+    pub shard: Option<ShardInfo>,
+}
+
+/// Every variable name [`Identity::env`] may set; a configured value for any of them is dropped
+/// (a shard variable included when the task is not a shard), so the process can trust them.
+pub const IDENTITY_ENV: &[&str] = &[
+    "DROVER_TASK_ID",
+    "DROVER_TASK_TYPE",
+    "DROVER_QUEUE",
+    "DROVER_ATTEMPT",
+    "DROVER_WORKER_ID",
+    "DROVER_SHARD_INDEX",
+    "DROVER_SHARD_TOTAL",
+];
+
+impl Identity {
+    /// The identity of the attempt `ctx` describes.
+    pub fn of(ctx: &crate::handler::TaskContext) -> Self {
+        Self {
+            task_id: ctx.id().to_owned(),
+            task_type: ctx.task_type().to_owned(),
+            queue: ctx.queue().to_owned(),
+            attempt: ctx.attempt(),
+            worker_id: ctx.worker_id().to_owned(),
+            shard: ctx.shard(),
+        }
+    }
+
+    /// The variables, in [`IDENTITY_ENV`] order; the shard pair only for a shard.
+    pub fn env(&self) -> Vec<(&'static str, String)> {
+        let mut env = vec![
+            ("DROVER_TASK_ID", self.task_id.clone()),
+            ("DROVER_TASK_TYPE", self.task_type.clone()),
+            ("DROVER_QUEUE", self.queue.clone()),
+            ("DROVER_ATTEMPT", self.attempt.to_string()),
+            ("DROVER_WORKER_ID", self.worker_id.clone()),
+        ];
+        if let Some(shard) = self.shard {
+            env.push(("DROVER_SHARD_INDEX", shard.index.to_string()));
+            env.push(("DROVER_SHARD_TOTAL", shard.total.to_string()));
+        }
+        env
     }
 }
 
 async fn run_in(
     config: &ExecHandler,
     payload: &RawValue,
+    identity: &Identity,
     deadline: Instant,
     cancel: &CancellationToken,
     dir: &Path,
-    extra: &[(&str, String)],
 ) -> Result<Box<RawValue>, TaskError> {
     if cancel.is_cancelled() {
         return Err(task_error(ErrorKind::Cancelled, "cancelled before start"));
@@ -118,8 +157,7 @@ async fn run_in(
     let mut cmd = Command::new(&program);
     cmd.args(args)
         .env_clear()
-        .envs(child_env(config))
-        .envs(extra.iter().map(|(k, v)| (*k, v.as_str())))
+        .envs(child_env(config, identity))
         .current_dir(dir)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
@@ -414,11 +452,13 @@ fn set_limit(resource: Resource, soft: u64, hard: u64) -> io::Result<()> {
     Ok(())
 }
 
-/// The child's whole environment: allowed worker variables, then the configured values.
-fn child_env(config: &ExecHandler) -> Vec<(OsString, OsString)> {
+/// The child's whole environment: allowed worker variables, then the configured values, then
+/// the attempt's identity (whose names the first two may not set).
+fn child_env(config: &ExecHandler, identity: &Identity) -> Vec<(OsString, OsString)> {
+    let refused = |name: &str| NEVER_PASSED_ENV.contains(&name) || IDENTITY_ENV.contains(&name);
     let mut env = Vec::new();
     for name in &config.env_allow {
-        if NEVER_PASSED_ENV.contains(&name.as_str()) || config.env.contains_key(name) {
+        if refused(name) || config.env.contains_key(name) {
             continue;
         }
         if let Some(value) = std::env::var_os(name) {
@@ -426,10 +466,16 @@ fn child_env(config: &ExecHandler) -> Vec<(OsString, OsString)> {
         }
     }
     for (name, value) in &config.env {
-        if !NEVER_PASSED_ENV.contains(&name.as_str()) {
+        if !refused(name) {
             env.push((OsString::from(name), OsString::from(value.expose())));
         }
     }
+    env.extend(
+        identity
+            .env()
+            .into_iter()
+            .map(|(name, value)| (OsString::from(name), OsString::from(value))),
+    );
     env
 }
 

@@ -12,7 +12,8 @@ use serde_json::value::RawValue;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::{run, run_with_env, shard_env};
+use super::{IDENTITY_ENV, Identity, run};
+use drover_shared::task::ShardInfo;
 
 /// Secrets placed in the test process's environment; no child may see them.
 const FAKE_KEYS: &str = "k1:c2VjcmV0LXNob3VsZC1uZXZlci1sZWFr";
@@ -45,6 +46,27 @@ fn sh(script: &str) -> ExecHandler {
     cfg(&["/bin/sh", "-c", script])
 }
 
+/// The identity of attempt 3 of task `t-1` on worker `w-7`.
+fn identity(shard: Option<ShardInfo>) -> Identity {
+    Identity {
+        task_id: "t-1".into(),
+        task_type: "resize".into(),
+        queue: "images".into(),
+        attempt: 3,
+        worker_id: "w-7".into(),
+        shard,
+    }
+}
+
+/// The identity variables a non-shard run gets, sorted.
+const IDENTITY_NAMES: [&str; 5] = [
+    "DROVER_ATTEMPT",
+    "DROVER_QUEUE",
+    "DROVER_TASK_ID",
+    "DROVER_TASK_TYPE",
+    "DROVER_WORKER_ID",
+];
+
 fn payload(json: &str) -> Box<RawValue> {
     RawValue::from_string(json.to_owned()).expect("test payload is JSON")
 }
@@ -58,6 +80,7 @@ async fn go(
     run(
         config,
         &payload(input),
+        &identity(None),
         Instant::now() + within,
         &CancellationToken::new(),
     )
@@ -167,23 +190,6 @@ async fn text_stdout_becomes_a_string_and_empty_stdout_null() {
 }
 
 #[tokio::test]
-async fn shard_tasks_see_their_position_in_the_environment() {
-    setup();
-    let env = shard_env(Some(drover_shared::task::ShardInfo { index: 2, total: 5 }));
-    let out = run_with_env(
-        &sh("printf '%s/%s' \"$DROVER_SHARD_INDEX\" \"$DROVER_SHARD_TOTAL\""),
-        &payload("{}"),
-        Instant::now() + Duration::from_secs(10),
-        &CancellationToken::new(),
-        &env,
-    )
-    .await
-    .unwrap();
-    assert_eq!(out.get(), r#""2/5""#);
-    assert!(shard_env(None).is_empty());
-}
-
-#[tokio::test]
 async fn a_program_that_ignores_a_large_stdin_still_succeeds() {
     let big = format!("\"{}\"", "x".repeat(4 * 1024 * 1024));
     let out = go(&sh("echo 7"), &big, Duration::from_secs(10))
@@ -240,15 +246,81 @@ async fn the_environment_is_scrubbed() {
         .filter_map(|l| l.split_once('=').map(|(k, _)| k))
         .collect();
     names.sort_unstable();
-    assert_eq!(names, ["GREETING", "PATH"], "{text}");
+    let mut expected = vec!["GREETING", "PATH"];
+    expected.extend(IDENTITY_NAMES);
+    expected.sort_unstable();
+    assert_eq!(names, expected, "{text}");
     assert!(text.contains("GREETING=hi there\n"));
     assert!(text.contains(&format!("PATH={}\n", std::env::var("PATH").unwrap())));
 
-    // No allow-list at all: an empty environment.
+    // No allow-list at all: only the attempt's identity.
     let out = go(&cfg(&["/usr/bin/env"]), "{}", Duration::from_secs(10))
         .await
         .unwrap();
-    assert_eq!(out.get(), "null");
+    let text: String = serde_json::from_str(out.get()).unwrap();
+    let mut names: Vec<&str> = text
+        .lines()
+        .filter_map(|l| l.split_once('=').map(|(k, _)| k))
+        .collect();
+    names.sort_unstable();
+    assert_eq!(names, IDENTITY_NAMES, "{text}");
+}
+
+#[tokio::test]
+async fn the_attempt_identity_is_passed_and_cannot_be_spoofed() {
+    setup();
+    let mut c = cfg(&["/usr/bin/env"]);
+    // The configuration tries to set (and to copy from the worker) identity variables.
+    c.env = BTreeMap::from([
+        ("DROVER_TASK_ID".to_owned(), Secret::new("spoofed")),
+        ("DROVER_SHARD_INDEX".to_owned(), Secret::new("99")),
+    ]);
+    c.env_allow = vec!["DROVER_WORKER_ID".into(), "DROVER_SHARD_TOTAL".into()];
+    let env_of = |out: Box<RawValue>| -> BTreeMap<String, String> {
+        let text: String = serde_json::from_str(out.get()).unwrap();
+        text.lines()
+            .filter_map(|l| l.split_once('='))
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            .collect()
+    };
+    let expected_plain = BTreeMap::from(
+        [
+            ("DROVER_TASK_ID", "t-1"),
+            ("DROVER_TASK_TYPE", "resize"),
+            ("DROVER_QUEUE", "images"),
+            ("DROVER_ATTEMPT", "3"),
+            ("DROVER_WORKER_ID", "w-7"),
+        ]
+        .map(|(k, v)| (k.to_owned(), v.to_owned())),
+    );
+
+    // Not a shard: no shard variables at all, not even the configured one.
+    let out = run(
+        &c,
+        &payload("{}"),
+        &identity(None),
+        Instant::now() + Duration::from_secs(10),
+        &CancellationToken::new(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(env_of(out), expected_plain);
+
+    // A shard: both shard variables, from the task.
+    let out = run(
+        &c,
+        &payload("{}"),
+        &identity(Some(ShardInfo { index: 2, total: 8 })),
+        Instant::now() + Duration::from_secs(10),
+        &CancellationToken::new(),
+    )
+    .await
+    .unwrap();
+    let mut expected = expected_plain.clone();
+    expected.insert("DROVER_SHARD_INDEX".into(), "2".into());
+    expected.insert("DROVER_SHARD_TOTAL".into(), "8".into());
+    assert_eq!(env_of(out), expected);
+    assert_eq!(IDENTITY_ENV.len(), expected.len());
 }
 
 #[tokio::test]
@@ -349,6 +421,7 @@ async fn cancel_ends_the_run_promptly_and_kills_the_group() {
             run(
                 &c,
                 &payload("{}"),
+                &identity(None),
                 Instant::now() + Duration::from_secs(60),
                 &cancel,
             )
@@ -371,6 +444,7 @@ async fn cancel_ends_the_run_promptly_and_kills_the_group() {
     let err = run(
         &sh("echo ran"),
         &payload("{}"),
+        &identity(None),
         Instant::now() + Duration::from_secs(5),
         &cancel,
     )
@@ -389,6 +463,7 @@ async fn dropping_the_run_kills_the_group() {
         run(
             &c,
             &payload("{}"),
+            &identity(None),
             Instant::now() + Duration::from_secs(60),
             &CancellationToken::new(),
         )
