@@ -140,7 +140,13 @@ fn a_local_fleet_runs_tasks_from_every_kind_of_client_and_stops_cleanly() {
     let out = drover(
         &url,
         &[
-            "submit", "echo", "--payload", r#"{"via":"cli"}"#, "--id", "e2e-cli", "--wait",
+            "submit",
+            "echo",
+            "--payload",
+            r#"{"via":"cli"}"#,
+            "--id",
+            "e2e-cli",
+            "--wait",
         ],
     );
     assert!(out.status.success(), "{out:?}");
@@ -174,9 +180,7 @@ fn a_local_fleet_runs_tasks_from_every_kind_of_client_and_stops_cleanly() {
     // A task that fails for good, for the DLQ view.
     let out = drover(
         &url,
-        &[
-            "submit", "fail", "--id", "e2e-fail", "--max-attempts", "1",
-        ],
+        &["submit", "fail", "--id", "e2e-fail", "--max-attempts", "1"],
     );
     assert!(out.status.success(), "{out:?}");
 
@@ -248,11 +252,17 @@ fn a_local_fleet_runs_tasks_from_every_kind_of_client_and_stops_cleanly() {
         if let Some(s) = up.child.try_wait().unwrap() {
             break s;
         }
-        assert!(Instant::now() < deadline, "drover up did not stop on Ctrl-C");
+        assert!(
+            Instant::now() < deadline,
+            "drover up did not stop on Ctrl-C"
+        );
         std::thread::sleep(Duration::from_millis(50));
     };
     assert!(status.success(), "drover up exited {status:?}");
-    for pid in pids.iter().chain(std::iter::once(&server_pid).filter(|p| **p != 0)) {
+    for pid in pids
+        .iter()
+        .chain(std::iter::once(&server_pid).filter(|p| **p != 0))
+    {
         assert!(!alive(*pid), "process {pid} outlived drover up");
     }
     assert!(

@@ -8,7 +8,7 @@ mod common;
 
 use common::{finish, fleet, root, venv_python, wait_state};
 use serde_json::{Value, json};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 

@@ -6,7 +6,7 @@ use crate::delays::Plan;
 use drover_shared::error::{ApiError, ErrorCode};
 use drover_shared::names::{Names, is_valid_queue};
 use drover_shared::partition::partition_for_key;
-use drover_shared::task::{Shards, Task, TaskSpec, assign_ids, check_workflow, parse_submission};
+use drover_shared::task::{Shards, Task, assign_ids, check_workflow, parse_submission};
 use std::collections::HashMap;
 
 /// The `rejected` queue token used when the subject's queue token itself is invalid.
@@ -106,6 +106,7 @@ pub fn prepare(
         .tasks
         .iter()
         .map(|spec| Plan::of(spec, now_ms))
+        .collect();
     let scheduling = sub
         .tasks
         .iter()

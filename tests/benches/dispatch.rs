@@ -7,7 +7,6 @@
 //! (default 20; 0 skips the fail-over trials). Prints numbers; asserts nothing about speed.
 
 use async_nats::HeaderMap;
-use async_nats::jetstream;
 use bytes::Bytes;
 use drover_shared::bench::{
     PAYLOAD_BYTES, WINDOW, js_context, noop_task, percentile, publish_all, raw_baseline,

@@ -45,8 +45,8 @@ pub fn drover_bin(bin: &str) -> PathBuf {
     // `cargo test` had: cargo's own configuration variables stay, per-package ones go.
     for (name, _) in std::env::vars_os() {
         let Some(name) = name.to_str() else { continue };
-        let per_package = (name.starts_with("CARGO_") && !is_cargo_config_var(name))
-            || name == "OUT_DIR";
+        let per_package =
+            (name.starts_with("CARGO_") && !is_cargo_config_var(name)) || name == "OUT_DIR";
         if per_package {
             cmd.env_remove(name);
         }

@@ -71,7 +71,10 @@ async fn start() -> Fleet {
             "--id".into(),
             "ops-w1".into(),
         ],
-        &[("DROVER_KEYS", TEST_KEYS.into()), ("DROVER_LOG", "info".into())],
+        &[
+            ("DROVER_KEYS", TEST_KEYS.into()),
+            ("DROVER_LOG", "info".into()),
+        ],
     );
     let client = server.connect().await;
     let js = jetstream::new(client.clone());
@@ -107,7 +110,11 @@ impl Fleet {
     }
 
     async fn record(&self, id: &str) -> Option<TaskRecord> {
-        let kv = self.js.get_key_value(self.names.bucket("tasks")).await.ok()?;
+        let kv = self
+            .js
+            .get_key_value(self.names.bucket("tasks"))
+            .await
+            .ok()?;
         let v = kv.get(id).await.ok()??;
         serde_json::from_slice(&v).ok()
     }
@@ -161,8 +168,11 @@ async fn every_nats_command_of_the_operations_page_shows_what_it_says() {
 
     // Live events are only seen by a subscriber that listens before they happen.
     let mut events = f.client.subscribe("drover.events.>").await.unwrap();
-    f.submit("default", json!({"type": "echo", "id": "ops-ok", "payload": "hi"}))
-        .await;
+    f.submit(
+        "default",
+        json!({"type": "echo", "id": "ops-ok", "payload": "hi"}),
+    )
+    .await;
     f.submit(
         "default",
         json!({"type": "fail", "id": "ops-fail", "max_attempts": 1}),
@@ -190,7 +200,8 @@ async fn every_nats_command_of_the_operations_page_shows_what_it_says() {
     for cmd in &cmds {
         match cmd.as_str() {
             "nats stream report" => {
-                let mut names: Vec<String> = f.js.stream_names().map(|n| n.unwrap()).collect().await;
+                let mut names: Vec<String> =
+                    f.js.stream_names().map(|n| n.unwrap()).collect().await;
                 names.sort();
                 for s in [
                     "DROVER_SUBMIT",
@@ -287,7 +298,10 @@ async fn every_nats_command_of_the_operations_page_shows_what_it_says() {
             r#"nats req drover.api.status '{"id":"<id>"}'"# => {
                 let reply = f
                     .client
-                    .request("drover.api.status", json!({"id": "ops-ok"}).to_string().into())
+                    .request(
+                        "drover.api.status",
+                        json!({"id": "ops-ok"}).to_string().into(),
+                    )
                     .await
                     .unwrap();
                 let v: Value = serde_json::from_slice(&reply.payload).unwrap();
@@ -303,9 +317,11 @@ async fn every_nats_command_of_the_operations_page_shows_what_it_says() {
             }
             "nats kv ls drover-workers" => {
                 let kv = f.js.get_key_value("drover-workers").await.unwrap();
-                let keys: Vec<String> = kv.keys().await.unwrap().map(|k| k.unwrap()).collect().await;
+                let keys: Vec<String> =
+                    kv.keys().await.unwrap().map(|k| k.unwrap()).collect().await;
                 assert_eq!(keys, ["ops-w1"]);
-                let v: Value = serde_json::from_slice(&kv.get("ops-w1").await.unwrap().unwrap()).unwrap();
+                let v: Value =
+                    serde_json::from_slice(&kv.get("ops-w1").await.unwrap().unwrap()).unwrap();
                 for field in ["host", "pid", "queues", "addr"] {
                     assert!(!v[field].is_null(), "{field} missing in {v}");
                 }

@@ -1016,8 +1016,13 @@ async fn sigterm_drains_finishes_short_tasks_and_hands_back_the_rest() {
     let drain = [("DROVER_WORKER__DRAIN_TIMEOUT_MS", "1500".to_owned())];
     let w1 = f.worker("dq-w1", QUEUE, &drain);
     f.wait_workers(&["dq-w1"], &[&w1]).await;
-    f.assign(QUEUE, 1, 1, &[(0, "dq-w1".into()), (1, "dq-w1".into())].into())
-        .await;
+    f.assign(
+        QUEUE,
+        1,
+        1,
+        &[(0, "dq-w1".into()), (1, "dq-w1".into())].into(),
+    )
+    .await;
     let short: Vec<Task> = (0..2)
         .map(|i| {
             task(
@@ -1039,7 +1044,8 @@ async fn sigterm_drains_finishes_short_tasks_and_hands_back_the_rest() {
     f.dispatch(QUEUE, 0, &short).await;
     f.dispatch(QUEUE, 1, std::slice::from_ref(&long)).await;
     for id in ["dq-short-0", "dq-short-1", "dq-long"] {
-        f.wait_running_on(id, "dq-w1", Duration::from_secs(10)).await;
+        f.wait_running_on(id, "dq-w1", Duration::from_secs(10))
+            .await;
     }
 
     let signalled = Instant::now();
@@ -1090,8 +1096,13 @@ async fn sigterm_drains_finishes_short_tasks_and_hands_back_the_rest() {
     assert_eq!((info.num_ack_pending, info.num_pending), (0, 0), "{info:?}");
     let w2 = f.worker("dq-w2", QUEUE, &[]);
     f.wait_workers(&["dq-w2"], &[&w2]).await;
-    f.assign(QUEUE, 1, 2, &[(0, "dq-w2".into()), (1, "dq-w2".into())].into())
-        .await;
+    f.assign(
+        QUEUE,
+        1,
+        2,
+        &[(0, "dq-w2".into()), (1, "dq-w2".into())].into(),
+    )
+    .await;
     let again = f
         .wait_running_on("dq-long", "dq-w2", Duration::from_secs(10))
         .await;

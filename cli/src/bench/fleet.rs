@@ -426,12 +426,11 @@ pub(crate) fn count_outcomes(
         let (mut ok, mut failed) = (HashSet::new(), HashSet::new());
         let mut progress_at = Instant::now();
         loop {
-            if stop.load(Ordering::Relaxed) {
-                if ok.len() + failed.len() >= submitted.load(Ordering::Relaxed)
-                    || progress_at.elapsed() > stall
-                {
-                    break;
-                }
+            if stop.load(Ordering::Relaxed)
+                && (ok.len() + failed.len() >= submitted.load(Ordering::Relaxed)
+                    || progress_at.elapsed() > stall)
+            {
+                break;
             }
             let entry = match tokio::time::timeout(Duration::from_millis(500), watch.next()).await {
                 Err(_) => continue,

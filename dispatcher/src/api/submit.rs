@@ -153,6 +153,9 @@ impl Api {
             if let Err(e) = self.unique.release(key).await {
                 tracing::warn!(key = %key, error = %e, "cannot release a unique key; it expires with its window");
             }
+        }
+    }
+
     /// Rejects the submission if a task depends on an id that is neither in it nor a task with a
     /// record (`missing_dependency`, the same check the intake makes; cycles are found by
     /// validation).
