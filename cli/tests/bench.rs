@@ -13,10 +13,6 @@ fn drover() -> Command {
 }
 
 #[test]
-#[ignore = "bug: `drover bench recovery` (worker SIGKILLed holding 12 sleep tasks) sees only 4 \
-            restart elsewhere, 8 never run within 60 s; reproduce with \
-            `drover bench recovery --trials 1`. Likely the same partition stall as the long \
-            chaos run (docs/reliability.md)"]
 fn every_scenario_reports_sane_json() {
     let plots = tempfile::tempdir().unwrap();
     let out = drover()

@@ -344,10 +344,15 @@ async fn validated_submit_reaches_work_with_the_replied_ids() {
     );
     assert_eq!(e["field"], "bogus");
     let e = assert_error(
-        &ask(&client, &submit, r#"{"type":"noop","delay_ms":500}"#).await,
-        "not_allowed",
+        &ask(
+            &client,
+            &submit,
+            r#"{"type":"noop","delay_ms":500,"run_at":"2030-01-01T00:00:00Z"}"#,
+        )
+        .await,
+        "invalid_field",
     );
-    assert_eq!(e["field"], "delay_ms");
+    assert!(e["message"].as_str().unwrap().contains("run_at"), "{e}");
     let (r, _) = call(&client, &submit, r#"{"type":"noop"}"#, Some("bad id")).await;
     assert_eq!(assert_error(&r, "invalid_field")["field"], "Nats-Msg-Id");
     assert_error(

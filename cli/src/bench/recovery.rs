@@ -100,6 +100,10 @@ pub(crate) async fn run(target: &Target, args: &BenchArgs) -> anyhow::Result<Sec
                     done.insert(seen.key);
                 }
             }
+            // Tasks that already succeeded are not held by anyone any more: with more tasks in
+            // the batch than the worker's concurrency, the first ones finish before the last
+            // ones start.
+            running.retain(|id, _| !done.contains(id));
             let mut per_worker: HashMap<&str, usize> = HashMap::new();
             for w in running.values() {
                 *per_worker.entry(w.as_str()).or_default() += 1;
