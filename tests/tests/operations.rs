@@ -79,15 +79,23 @@ async fn start() -> Fleet {
     let client = server.connect().await;
     let js = jetstream::new(client.clone());
     let names = Names::default();
-    observe::wait_leader(&js, &names, None, Duration::from_secs(30)).await;
-    let deadline = Instant::now() + Duration::from_secs(30);
+    let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        if let Ok(kv) = js.get_key_value(names.bucket("workers")).await
-            && let Ok(Some(_)) = kv.get("ops-w1").await
-        {
+        // The epoch joins the leader value at the first renewal after the winning create.
+        let led = observe::leader_value(&js, &names)
+            .await
+            .is_some_and(|v| v["epoch"].is_u64());
+        let registered = match js.get_key_value(names.bucket("workers")).await {
+            Ok(kv) => matches!(kv.get("ops-w1").await, Ok(Some(_))),
+            Err(_) => false,
+        };
+        if led && registered {
             break;
         }
-        assert!(Instant::now() < deadline, "the worker never registered");
+        assert!(
+            Instant::now() < deadline,
+            "no leader with an epoch, or the worker never registered"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     Fleet {

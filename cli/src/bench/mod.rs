@@ -183,7 +183,10 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
 async fn measure(args: &BenchArgs, target: &Target) -> anyhow::Result<Report> {
     let raw = raw::measure(target, args.tasks).await?;
     let mut report = Report::new(target.describe(), raw);
-    let single = if args.array > 1 { None } else { Some(1) };
+    // `all` measures both single and array submits (arrays of --array, 100 unless given);
+    // `throughput` alone measures what --array says.
+    let all = args.scenario == Scenario::All;
+    let single = (all || args.array == 1).then_some(1);
     let array = if args.array > 1 { args.array } else { 100 };
     let plan: Vec<Scenario> = match args.scenario {
         Scenario::All => vec![
@@ -202,7 +205,7 @@ async fn measure(args: &BenchArgs, target: &Target) -> anyhow::Result<Report> {
                 if let Some(k) = single {
                     out.push(throughput::run(target, args, k, &report.raw).await?);
                 }
-                if args.scenario == Scenario::All || single.is_none() {
+                if all || args.array > 1 {
                     out.push(throughput::run(target, args, array, &report.raw).await?);
                 }
                 out

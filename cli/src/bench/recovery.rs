@@ -134,6 +134,11 @@ pub(crate) async fn run(target: &Target, args: &BenchArgs) -> anyhow::Result<Sec
                 };
                 if seen.state == "succeeded" {
                     done.insert(seen.key.clone());
+                    // Finished by the victim just before it died: nothing to restart.
+                    if seen.worker.as_deref() == Some(victim.as_str()) {
+                        held.remove(&seen.key);
+                        continue;
+                    }
                 }
                 let elsewhere = seen.worker.as_deref().is_some_and(|w| w != victim);
                 if elsewhere
