@@ -14,7 +14,7 @@ use crate::delays::{self, HDR_DUE, Held, MAX_HELD};
 use crate::leader::{LeaderContext, LeaderError, Pipeline, Routed};
 use crate::outcomes::{DELAYED_PARTITION, quarantine};
 use crate::records::{CAS_ATTEMPTS, Records, WriteError};
-use async_nats::jetstream::{self, AckKind, consumer::PullConsumer};
+use async_nats::jetstream::{self, AckKind};
 use drover_shared::envelope::{self, EnvelopeHeaders, Expected};
 use drover_shared::task::{Task, TaskRecord, TaskState};
 use futures::StreamExt;
@@ -88,17 +88,10 @@ pub async fn consume(
     cancel: CancellationToken,
 ) -> Result<(), LeaderError> {
     let names = &ctx.names;
-    let nats = |what: &'static str| {
-        move |e: &dyn std::fmt::Display| LeaderError::Nats(what, e.to_string())
-    };
-    let consumer: PullConsumer = ctx
-        .js
-        .get_stream(names.delayed_stream())
-        .await
-        .map_err(|e| nats("open delayed stream")(&e))?
-        .get_consumer(&names.due_consumer())
-        .await
-        .map_err(|e| nats("open due consumer")(&e))?;
+    let nats = crate::leader::nats_err;
+    let consumer =
+        crate::leader::leader_consumer(&ctx, &names.delayed_stream(), &names.due_consumer())
+            .await?;
     let records = Records::open(&ctx.js, names)
         .await
         .map_err(|e| nats("open task records")(&e))?;

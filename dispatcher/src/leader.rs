@@ -89,8 +89,24 @@ pub enum LeaderError {
     Nats(&'static str, String),
 }
 
-fn nats_err(what: &'static str) -> impl Fn(&dyn std::fmt::Display) -> LeaderError {
+pub(crate) fn nats_err(what: &'static str) -> impl Fn(&dyn std::fmt::Display) -> LeaderError {
     move |e| LeaderError::Nats(what, e.to_string())
+}
+
+/// Opens the durable pull consumer `consumer` of `stream` (provisioned by the topology), for
+/// one of the leader's loops: intake, outcomes, due timers.
+pub(crate) async fn leader_consumer(
+    ctx: &LeaderContext,
+    stream: &str,
+    consumer: &str,
+) -> Result<PullConsumer, LeaderError> {
+    ctx.js
+        .get_stream(stream)
+        .await
+        .map_err(|e| nats_err("open a leader stream")(&e))?
+        .get_consumer(consumer)
+        .await
+        .map_err(|e| nats_err("open a leader consumer")(&e))
 }
 
 /// One intake message being handled.
@@ -110,15 +126,7 @@ pub async fn lead(
     cancel: CancellationToken,
 ) -> Result<(), LeaderError> {
     let names = &ctx.names;
-    let submit = ctx
-        .js
-        .get_stream(names.submit_stream())
-        .await
-        .map_err(|e| nats_err("open intake stream")(&e))?;
-    let consumer: PullConsumer = submit
-        .get_consumer(&names.intake_consumer())
-        .await
-        .map_err(|e| nats_err("open intake consumer")(&e))?;
+    let consumer = leader_consumer(&ctx, &names.submit_stream(), &names.intake_consumer()).await?;
 
     wait_for_predecessor(&consumer, &cancel).await?;
     if cancel.is_cancelled() {

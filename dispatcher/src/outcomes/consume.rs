@@ -5,7 +5,7 @@ use super::{DELAYED_PARTITION, HDR_ERROR, HDR_REASON, HDR_SUBJECT};
 use crate::leader::{LeaderContext, LeaderError};
 use crate::records::{CAS_ATTEMPTS, Records, WriteError};
 use async_nats::HeaderMap;
-use async_nats::jetstream::{self, AckKind, consumer::PullConsumer};
+use async_nats::jetstream::{self, AckKind};
 use drover_shared::envelope::{self, BatchMeta};
 use drover_shared::outcome::{Outcome, OutcomeDecision, OutcomeMessage, OutcomeStatus, decide};
 use drover_shared::task::{Task, TaskRecord};
@@ -30,17 +30,10 @@ pub async fn consume(
     cancel: CancellationToken,
 ) -> Result<(), LeaderError> {
     let names = &ctx.names;
-    let nats = |what: &'static str| {
-        move |e: &dyn std::fmt::Display| LeaderError::Nats(what, e.to_string())
-    };
-    let consumer: PullConsumer = ctx
-        .js
-        .get_stream(names.outcomes_stream())
-        .await
-        .map_err(|e| nats("open outcomes stream")(&e))?
-        .get_consumer(&names.outcomes_consumer())
-        .await
-        .map_err(|e| nats("open outcomes consumer")(&e))?;
+    let nats = crate::leader::nats_err;
+    let consumer =
+        crate::leader::leader_consumer(&ctx, &names.outcomes_stream(), &names.outcomes_consumer())
+            .await?;
     let records = Records::open(&ctx.js, names)
         .await
         .map_err(|e| nats("open task records")(&e))?;
