@@ -191,6 +191,38 @@ pub async fn declare_queues(ctx: &LeaderContext, epoch: u64) {
     }
 }
 
+/// How long [`provision_in_background`] keeps trying.
+const PROVISION_FOR: Duration = Duration::from_secs(120);
+
+/// Creates or updates the partition consumers of `queue`, retrying with backoff for up to
+/// [`PROVISION_FOR`] (a JetStream node restarting makes consumer reads time out for seconds).
+async fn provision_in_background(ctx: LeaderContext, queue: String, partitions: u32) {
+    let began = std::time::Instant::now();
+    let mut failures = 0u32;
+    loop {
+        match topology::provision_queue(
+            &ctx.js,
+            &ctx.names,
+            &queue,
+            partitions,
+            &ctx.config.queue_consumers,
+        )
+        .await
+        {
+            Ok(_) => return,
+            Err(e) => {
+                failures += 1;
+                if began.elapsed() >= PROVISION_FOR {
+                    warn!(%queue, error = %e, "cannot provision the partition consumers; workers create them when they pull");
+                    return;
+                }
+                debug!(%queue, error = %e, failures, "provisioning partition consumers; retrying");
+                tokio::time::sleep(crate::supervise::retry_delay(failures)).await;
+            }
+        }
+    }
+}
+
 /// A new leader starts only when its predecessor's unacked intake messages are either acked or
 /// due for redelivery, so they come back first and per-key order holds across failover.
 async fn wait_for_predecessor(
@@ -601,15 +633,15 @@ impl Pipeline {
                 p
             }
         };
-        topology::provision_queue(
-            &self.ctx.js,
-            &self.ctx.names,
-            queue,
+        // Dispatch needs only the partition count: envelopes land in DROVER_WORK whether or not
+        // the partition consumers exist (workers create missing ones too). So the consumers are
+        // provisioned beside the dispatch: while a node restarts, reading a consumer can time
+        // out for seconds, and the intake must not wait for that.
+        tokio::spawn(provision_in_background(
+            self.ctx.clone(),
+            queue.to_owned(),
             partitions,
-            &self.ctx.config.queue_consumers,
-        )
-        .await
-        .map_err(|e| nats_err("provision queue consumers")(&e))?;
+        ));
         self.queues
             .insert(queue.to_owned(), QueueInfo { partitions });
         Ok(partitions)

@@ -20,6 +20,7 @@
 //! | [`due`] | whether a fired retry timer's task runs again |
 //! | [`schedule`] | when cron schedules fire (misfire, overlap, DST) and which task each trigger message makes; the schedule API |
 //! | [`events`] | which lifecycle events are published, grouped per queue and state |
+//! | [`supervise`] | when a leader role that failed mid-term (JetStream briefly unavailable) starts again |
 
 pub mod api;
 pub mod assign;
@@ -36,3 +37,4 @@ pub mod outcomes;
 pub mod records;
 pub mod run;
 pub mod schedule;
+pub mod supervise;

@@ -11,6 +11,7 @@ use crate::events::EventSink;
 use crate::intake::Strategy;
 use crate::leader::{self, LeaderConfig, LeaderContext};
 use crate::metrics::DispatcherMetrics;
+use crate::supervise::{OnDone, supervise};
 use crate::{due, outcomes};
 use async_nats::jetstream::{self, kv};
 use drover_shared::config::ConnectArgs;
@@ -313,43 +314,37 @@ async fn campaign(
                     // and outcomes.
                     ctx.deps = crate::deps::spawn(ctx.clone(), e, t.clone());
                     let handle = tokio::spawn(async move {
-                        leader::declare_queues(&ctx, e).await;
-                        let assigning = tokio::spawn({
-                            let t = t.clone();
-                            async move {
-                                if let Err(err) = assign::assign_loop(assign_ctx, e, t).await {
-                                    error!(error = %err, "assigning partitions failed");
-                                }
-                            }
+                        // Predeclared queues get their records beside the roles, not before
+                        // them: while JetStream recovers from a node loss it can take seconds.
+                        tokio::spawn({
+                            let ctx = ctx.clone();
+                            async move { leader::declare_queues(&ctx, e).await }
                         });
-                        // Outcomes and fired timers run beside the intake, for the same term.
-                        let outcomes = tokio::spawn({
-                            let (ctx, t) = (ctx.clone(), t.clone());
-                            async move {
-                                if let Err(err) = outcomes::consume(ctx, e, t).await {
-                                    error!(error = %err, "handling outcomes failed");
-                                }
-                            }
-                        });
-                        let due = tokio::spawn({
-                            let (ctx, t) = (ctx.clone(), t.clone());
-                            async move {
-                                if let Err(err) = due::consume(ctx, e, t).await {
-                                    error!(error = %err, "dispatching due timers failed");
-                                }
-                            }
-                        });
-                        let schedules = tokio::spawn({
-                            let (ctx, t) = (ctx.clone(), t.clone());
-                            async move {
-                                if let Err(err) = crate::schedule::eval::run(ctx, e, t).await {
-                                    error!(error = %err, "evaluating schedules failed");
-                                }
-                            }
-                        });
-                        if let Err(err) = leader::lead(ctx, e, t).await {
-                            error!(error = %err, "leading failed");
-                        }
+                        // Each role is restarted if it fails mid-term (crate::supervise).
+                        let assigning =
+                            tokio::spawn(supervise("assignment", t.clone(), OnDone::Stop, {
+                                let (assign_ctx, t) = (assign_ctx, t.clone());
+                                move || assign::assign_loop(assign_ctx.clone(), e, t.clone())
+                            }));
+                        let outcomes =
+                            tokio::spawn(supervise("outcomes", t.clone(), OnDone::Restart, {
+                                let (ctx, t) = (ctx.clone(), t.clone());
+                                move || outcomes::consume(ctx.clone(), e, t.clone())
+                            }));
+                        let due =
+                            tokio::spawn(supervise("due timers", t.clone(), OnDone::Restart, {
+                                let (ctx, t) = (ctx.clone(), t.clone());
+                                move || due::consume(ctx.clone(), e, t.clone())
+                            }));
+                        let schedules =
+                            tokio::spawn(supervise("schedules", t.clone(), OnDone::Restart, {
+                                let (ctx, t) = (ctx.clone(), t.clone());
+                                move || crate::schedule::eval::run(ctx.clone(), e, t.clone())
+                            }));
+                        supervise("intake", t.clone(), OnDone::Restart, || {
+                            leader::lead(ctx.clone(), e, t.clone())
+                        })
+                        .await;
                         let _ = assigning.await;
                         let _ = outcomes.await;
                         let _ = due.await;

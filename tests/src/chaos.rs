@@ -541,6 +541,8 @@ pub struct ChaosFleet {
     dir: tempfile::TempDir,
     dispatchers: Mutex<Vec<DroverProcess>>,
     workers: Mutex<Vec<DroverProcess>>,
+    /// Processes that were killed or stopped, kept so their logs can be saved.
+    retired: Mutex<Vec<DroverProcess>>,
     spawned_dispatchers: AtomicUsize,
     spawned_workers: AtomicUsize,
     faults: Mutex<Vec<FaultRecord>>,
@@ -582,6 +584,7 @@ impl ChaosFleet {
             dir,
             dispatchers: Mutex::new(Vec::new()),
             workers: Mutex::new(Vec::new()),
+            retired: Mutex::new(Vec::new()),
             spawned_dispatchers: AtomicUsize::new(0),
             spawned_workers: AtomicUsize::new(0),
             faults: Mutex::new(Vec::new()),
@@ -652,7 +655,10 @@ impl ChaosFleet {
     fn common_env(&self) -> Vec<(&'static str, String)> {
         vec![
             ("DROVER_KEYS", TEST_KEYS.into()),
-            ("DROVER_LOG", "info".into()),
+            (
+                "DROVER_LOG",
+                std::env::var("DROVER_CHAOS_LOG").unwrap_or_else(|_| "info".into()),
+            ),
             ("DROVER_TOPOLOGY__REPLICAS", "3".into()),
             ("DROVER_TOPOLOGY__LEASE_MS", self.cfg.lease_ms.to_string()),
             (
@@ -866,7 +872,7 @@ impl ChaosFleet {
             let mut ds = lock(&self.dispatchers);
             if let Some(i) = ds.iter().position(|d| d.name() == id) {
                 ds[i].kill();
-                ds.remove(i);
+                lock(&self.retired).push(ds.remove(i));
             }
         }
         self.spawn_dispatcher();
@@ -888,7 +894,7 @@ impl ChaosFleet {
             let mut ws = lock(&self.workers);
             if let Some(i) = ws.iter().position(|w| w.name() == victim) {
                 ws[i].kill();
-                ws.remove(i);
+                lock(&self.retired).push(ws.remove(i));
             }
         }
         let fresh = self.spawn_worker();
@@ -952,7 +958,7 @@ impl ChaosFleet {
         }
         wait_exited(&old, Duration::from_secs(30)).await;
         let old_names: Vec<String> = old.iter().map(|d| d.name().to_owned()).collect();
-        drop(old);
+        lock(&self.retired).extend(old);
         let fresh: Vec<String> = (0..3).map(|_| self.spawn_dispatcher()).collect();
         let deadline = Instant::now() + SETTLE;
         let recovered = loop {
@@ -989,7 +995,7 @@ impl ChaosFleet {
             };
             old.signal(libc::SIGTERM);
             wait_exited(std::slice::from_ref(&old), Duration::from_secs(40)).await;
-            drop(old);
+            lock(&self.retired).push(old);
             let fresh = self.spawn_worker();
             self.wait_worker_registered(&fresh).await;
         }
@@ -1030,9 +1036,11 @@ impl ChaosFleet {
                 return records;
             }
             if Instant::now() >= deadline {
+                let pipeline = self.pipeline_state().await;
+                self.save_logs(&pipeline);
                 panic!(
                     "not quiescent after {timeout:?}: streams empty {empty}, {} of {} tasks \
-                     without a terminal record, e.g. {:?}; records of those: {:?}\n{}",
+                     without a terminal record, e.g. {:?}; records of those: {:?}\n{}\n{}",
                     open.len(),
                     accepted.len(),
                     first(&open),
@@ -1040,10 +1048,100 @@ impl ChaosFleet {
                         .iter()
                         .map(|id| records.get(*id))
                         .collect::<Vec<_>>(),
+                    pipeline,
                     self.fleet_logs()
                 );
             }
             tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+
+    /// What the server holds: every stream's message count and leader, every consumer's
+    /// pending/ack-pending/waiting counts and leader, and the `drover-state` and
+    /// `drover-workers` keys — what a stalled pipeline needs to be diagnosed.
+    pub async fn pipeline_state(&self) -> String {
+        use std::fmt::Write as _;
+        let mut out = String::from("---- pipeline ----\n");
+        for name in [
+            self.names.submit_stream(),
+            self.names.work_stream(),
+            self.names.outcomes_stream(),
+            self.names.delayed_stream(),
+        ] {
+            let Ok(mut stream) = self.js.get_stream(&name).await else {
+                let _ = writeln!(out, "{name}: cannot be read");
+                continue;
+            };
+            let Ok(info) = stream.info().await.cloned() else {
+                let _ = writeln!(out, "{name}: no info");
+                continue;
+            };
+            let _ = writeln!(
+                out,
+                "{name}: messages {} first {} last {}, leader {:?}",
+                info.state.messages,
+                info.state.first_sequence,
+                info.state.last_sequence,
+                info.cluster.as_ref().and_then(|c| c.leader.clone())
+            );
+            let mut consumers = stream.consumers();
+            while let Some(Ok(c)) = consumers.next().await {
+                let _ = writeln!(
+                    out,
+                    "  {}: pending {} ack_pending {} redelivered {} waiting {} delivered {} \
+                     ack_floor {}, leader {:?}",
+                    c.name,
+                    c.num_pending,
+                    c.num_ack_pending,
+                    c.num_redelivered,
+                    c.num_waiting,
+                    c.delivered.stream_sequence,
+                    c.ack_floor.stream_sequence,
+                    c.cluster.as_ref().and_then(|x| x.leader.clone())
+                );
+            }
+        }
+        for bucket in ["state", "workers", "election"] {
+            let Ok(kv) = self.js.get_key_value(self.names.bucket(bucket)).await else {
+                continue;
+            };
+            let Ok(mut keys) = kv.keys().await else {
+                continue;
+            };
+            while let Some(Ok(key)) = keys.next().await {
+                if key.starts_with("held.") {
+                    continue;
+                }
+                if let Ok(Some(v)) = kv.get(&key).await {
+                    let _ = writeln!(
+                        out,
+                        "{bucket} {key} = {}",
+                        String::from_utf8_lossy(&v)
+                            .chars()
+                            .take(600)
+                            .collect::<String>()
+                    );
+                }
+            }
+        }
+        out
+    }
+
+    /// With `DROVER_CHAOS_LOGS=<dir>`: writes every process's whole log (live and retired) and
+    /// `pipeline` there, for a post-mortem of a failed run.
+    pub fn save_logs(&self, pipeline: &str) {
+        let Some(dir) = std::env::var_os("DROVER_CHAOS_LOGS").map(PathBuf::from) else {
+            return;
+        };
+        let _ = std::fs::create_dir_all(&dir);
+        let _ = std::fs::write(dir.join("pipeline.txt"), pipeline);
+        for set in [&self.dispatchers, &self.workers, &self.retired] {
+            for p in lock(set).iter() {
+                let _ = std::fs::write(dir.join(format!("{}.log", p.name())), p.log());
+            }
+        }
+        for (i, node) in self.cluster.nodes().iter().enumerate() {
+            let _ = std::fs::copy(node.log_path(), dir.join(format!("nats-{i}.log")));
         }
     }
 

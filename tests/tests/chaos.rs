@@ -115,8 +115,20 @@ async fn chaos_long_random_faults() {
     fleet.start_load();
     tokio::time::sleep(Duration::from_secs(5)).await;
     let started = Instant::now();
+    // `DROVER_CHAOS_FAULTS=kill-nats-node,kill-leader` narrows the draw to those kinds.
+    let kinds: Vec<FaultKind> = match std::env::var("DROVER_CHAOS_FAULTS") {
+        Ok(list) => FaultKind::ALL
+            .into_iter()
+            .filter(|k| list.split(',').any(|n| n.trim() == k.name()))
+            .collect(),
+        Err(_) => FaultKind::ALL.to_vec(),
+    };
+    assert!(
+        !kinds.is_empty(),
+        "DROVER_CHAOS_FAULTS names no known fault kind"
+    );
     while started.elapsed() < Duration::from_secs(minutes * 60) {
-        let kind = FaultKind::ALL[rng.below(FaultKind::ALL.len() as u64) as usize];
+        let kind = kinds[rng.below(kinds.len() as u64) as usize];
         let mut pick = |n: usize| rng.below(n as u64) as usize;
         fleet.inject(kind, &mut pick).await;
         let gap = 5 + rng.below(11);
@@ -130,6 +142,7 @@ async fn chaos_long_random_faults() {
         report.faults.len()
     );
     eprintln!("chaos long:\n{text}");
+    fleet.save_logs(&fleet.pipeline_state().await);
     if let Ok(path) = std::env::var("DROVER_CHAOS_REPORT") {
         std::fs::write(&path, &text).expect("write the report");
     }

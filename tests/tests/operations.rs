@@ -242,12 +242,19 @@ async fn every_nats_command_of_the_operations_page_shows_what_it_says() {
                     "{consumers:?}"
                 );
                 let p = partition_for_key(parked_key, DEFAULT_PARTITIONS);
-                let mut c = work
-                    .get_consumer::<jetstream::consumer::pull::Config>(&format!(
-                        "drover-work-{PARKED}-{p}"
-                    ))
-                    .await
-                    .unwrap();
+                // The leader creates a new queue's partition consumers beside its dispatch.
+                let name = format!("drover-work-{PARKED}-{p}");
+                let deadline = Instant::now() + Duration::from_secs(10);
+                let mut c = loop {
+                    match work
+                        .get_consumer::<jetstream::consumer::pull::Config>(&name)
+                        .await
+                    {
+                        Ok(c) => break c,
+                        Err(e) => assert!(Instant::now() < deadline, "{name}: {e}"),
+                    }
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                };
                 // "Unprocessed" is the partition's backlog: the parked envelope.
                 assert_eq!(c.info().await.unwrap().num_pending, 1);
             }

@@ -35,6 +35,9 @@ const CANCEL_GRACE: Duration = Duration::from_secs(2);
 /// Records read at once per batch.
 const RECORD_READS_IN_FLIGHT: usize = 64;
 
+/// How long an outcome publish is retried before the batch is given up (and NAKed).
+const PUBLISH_PATIENCE: Duration = Duration::from_secs(30);
+
 /// Header of a quarantine copy: the stable reason label.
 pub const HDR_REASON: &str = "Drover-Reason";
 /// Header of a quarantine copy: the error message.
@@ -203,48 +206,99 @@ fn static_reason(reason: &str) -> &'static str {
         .unwrap_or("other")
 }
 
-/// Reads every task's record (pipelined), with its revision.
-async fn read_records(shared: &Shared, tasks: &[Task]) -> Vec<Option<(TaskRecord, u64)>> {
+/// How a batch's records and published outcomes are read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Reads {
+    /// Direct gets, answered by any replica: fast, but a replica may lag behind the leader (a
+    /// node that just restarted is still catching up). Enough for a first delivery.
+    Direct,
+    /// Reads answered by the stream leader, which reflect every acknowledged write. A
+    /// redelivered batch may hold tasks whose success was recorded moments ago: a stale read
+    /// would run them again.
+    Leader,
+}
+
+/// Reads every task's record (pipelined), with its revision. `Err` when a read failed: the
+/// record may exist, so the batch must not run on a guess.
+async fn read_records(
+    shared: &Shared,
+    tasks: &[Task],
+    reads: Reads,
+) -> Result<Vec<Option<(TaskRecord, u64)>>, String> {
     let reads: Vec<_> = tasks
         .iter()
-        .map(|t| read_record(shared.tasks_kv.clone(), t.id.clone()))
+        .map(|t| read_record(&shared.tasks_kv, t.id.clone(), reads))
         .collect();
     futures::stream::iter(reads)
         .buffered(RECORD_READS_IN_FLIGHT)
-        .collect()
+        .collect::<Vec<_>>()
         .await
+        .into_iter()
+        .collect()
 }
 
 async fn read_record(
-    kv: async_nats::jetstream::kv::Store,
+    kv: &async_nats::jetstream::kv::Store,
     id: String,
-) -> Option<(TaskRecord, u64)> {
-    match kv.entry(id).await {
-        Ok(Some(e)) if e.operation == async_nats::jetstream::kv::Operation::Put => {
-            serde_json::from_slice::<TaskRecord>(&e.value)
-                .ok()
-                .map(|r| (r, e.revision))
+    reads: Reads,
+) -> Result<Option<(TaskRecord, u64)>, String> {
+    use async_nats::jetstream::stream::LastRawMessageErrorKind;
+    let (value, revision) = match reads {
+        Reads::Direct => match kv.entry(&id).await {
+            Ok(Some(e)) if e.operation == async_nats::jetstream::kv::Operation::Put => {
+                (e.value, e.revision)
+            }
+            Ok(_) => return Ok(None),
+            Err(e) => return Err(format!("read record {id}: {e}")),
+        },
+        Reads::Leader => {
+            let subject = format!("$KV.{}.{id}", kv.name);
+            match kv.stream.get_last_raw_message_by_subject(&subject).await {
+                // A delete or purge marker carries a `KV-Operation` header.
+                Ok(m) if m.headers.get("KV-Operation").is_some() => return Ok(None),
+                Ok(m) => (m.payload, m.sequence),
+                Err(e) if e.kind() == LastRawMessageErrorKind::NoMessageFound => {
+                    return Ok(None);
+                }
+                Err(e) => return Err(format!("read record {id}: {e}")),
+            }
         }
-        _ => None,
-    }
+    };
+    Ok(serde_json::from_slice::<TaskRecord>(&value)
+        .ok()
+        .map(|r| (r, revision)))
 }
 
-/// `(id, attempt)` of every outcome already published for `batch`.
-async fn published_outcomes(shared: &Shared, queue: &str, batch: &str) -> HashSet<(String, u32)> {
+/// `(id, attempt)` of every outcome already published for `batch` (read from the stream
+/// leader: see [`Reads::Leader`]). `Err` when a read failed.
+async fn published_outcomes(
+    shared: &Shared,
+    queue: &str,
+    batch: &str,
+) -> Result<HashSet<(String, u32)>, String> {
+    use async_nats::jetstream::stream::LastRawMessageErrorKind;
     let subject = shared.names.outcome_subject(queue, batch);
     let mut out = HashSet::new();
     let mut next = 1u64;
-    while let Ok(m) = shared
-        .outcomes
-        .direct_get_next_for_subject(subject.as_str(), Some(next))
-        .await
-    {
-        if let Ok(om) = OutcomeMessage::decode(&m.payload) {
-            out.extend(om.outcomes.into_iter().map(|o| (o.task.id, o.task.attempt)));
+    loop {
+        let got = shared
+            .outcomes
+            .raw_message_builder()
+            .next_by_subject(subject.as_str())
+            .sequence(next)
+            .send()
+            .await;
+        match got {
+            Ok(m) => {
+                if let Ok(om) = OutcomeMessage::decode(&m.payload) {
+                    out.extend(om.outcomes.into_iter().map(|o| (o.task.id, o.task.attempt)));
+                }
+                next = m.sequence + 1;
+            }
+            Err(e) if e.kind() == LastRawMessageErrorKind::NoMessageFound => return Ok(out),
+            Err(e) => return Err(format!("read published outcomes: {e}")),
         }
-        next = m.sequence + 1;
     }
-    out
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -259,13 +313,39 @@ async fn run_batch(
     period: CancellationToken,
 ) -> BatchEnd {
     let delivery = plan::delivery(delivered, shared.cfg.max_redeliveries);
-    let (records, published) = if delivery == Delivery::First {
-        (read_records(shared, &tasks).await, HashSet::new())
-    } else {
-        tokio::join!(
-            read_records(shared, &tasks),
-            published_outcomes(shared, &origin.queue, batch)
-        )
+    // Without the records, a task that already succeeded could run again: while JetStream is
+    // unavailable (a node restarting) the reads are retried here, with the batch kept in
+    // progress, rather than NAKed (every redelivery counts towards the poison limit).
+    let mut failures = 0u32;
+    let (records, published) = loop {
+        let read = if delivery == Delivery::First {
+            read_records(shared, &tasks, Reads::Direct)
+                .await
+                .map(|r| (r, HashSet::new()))
+        } else {
+            let (records, published) = tokio::join!(
+                read_records(shared, &tasks, Reads::Leader),
+                published_outcomes(shared, &origin.queue, batch)
+            );
+            records.and_then(|r| Ok((r, published?)))
+        };
+        match read {
+            Ok(read) => break read,
+            Err(e) => {
+                failures += 1;
+                if failures % 20 == 1 {
+                    warn!(batch, error = %e, failures, "cannot read the batch's records; retrying");
+                }
+                if !shared.gate.may_act() || period.is_cancelled() {
+                    return BatchEnd::Abandoned;
+                }
+                let delay = Duration::from_millis(100 << failures.min(4));
+                tokio::select! {
+                    () = period.cancelled() => return BatchEnd::Abandoned,
+                    () = tokio::time::sleep(delay) => {}
+                }
+            }
+        }
     };
     let plain: Vec<Option<TaskRecord>> = records
         .iter()
@@ -619,7 +699,13 @@ impl Publisher {
         for part in parts {
             let body = bytes::Bytes::from(part.encode());
             let mut sent = false;
-            for attempt in 0..5u32 {
+            // Retried for up to PUBLISH_PATIENCE: a stream whose leader died is back after the
+            // server's election (seconds), and a batch given up here runs its tasks again.
+            let began = std::time::Instant::now();
+            for attempt in 0u32.. {
+                if attempt > 0 && began.elapsed() >= PUBLISH_PATIENCE {
+                    break;
+                }
                 // A fenced worker publishes nothing: its batch belongs to someone else now.
                 if self.period.is_cancelled() || !self.shared.gate.may_act() {
                     return Err(());
@@ -637,11 +723,17 @@ impl Publisher {
                             sent = true;
                             break;
                         }
-                        Err(e) => warn!(error = %e, attempt, "outcome publish not acknowledged"),
+                        Err(e) if attempt % 5 == 0 => {
+                            warn!(error = %e, attempt, "outcome publish not acknowledged; retrying");
+                        }
+                        Err(_) => {}
                     },
-                    Err(e) => warn!(error = %e, attempt, "outcome publish failed"),
+                    Err(e) if attempt % 5 == 0 => {
+                        warn!(error = %e, attempt, "outcome publish failed; retrying");
+                    }
+                    Err(_) => {}
                 }
-                tokio::time::sleep(Duration::from_millis(100 << attempt)).await;
+                tokio::time::sleep(Duration::from_millis(100 << attempt.min(4))).await;
             }
             if !sent {
                 return Err(());

@@ -588,6 +588,9 @@ async fn partition_loop(
         }
     };
     let expiry = shared.cfg.fetch_expiry();
+    // Pull failures in a row: the first and every 50th are logged (a node restarting, a
+    // consumer leader moving), so a partition that cannot be pulled is visible.
+    let mut failures = 0u32;
     loop {
         if stop.is_cancelled() || shared.draining.is_cancelled() {
             return;
@@ -609,13 +612,27 @@ async fn partition_loop(
         {
             Ok(b) => b,
             Err(e) => {
-                debug!(error = %e, "fetch failed");
+                failures += 1;
+                if failures % 50 == 1 {
+                    warn!(error = %e, failures, "cannot pull the partition; retrying");
+                }
                 tokio::time::sleep(Duration::from_millis(200)).await;
                 continue;
             }
         };
+        let mut refused = false;
         while let Some(m) = batch.next().await {
-            let Ok(msg) = m else { continue };
+            let msg = match m {
+                Ok(msg) => msg,
+                Err(e) => {
+                    failures += 1;
+                    refused = true;
+                    if failures % 50 == 1 {
+                        warn!(error = %e, failures, "partition pull refused; retrying");
+                    }
+                    continue;
+                }
+            };
             // Arrived for a pull made before the partition moved away or shutdown began:
             // hand it back at once, for the new owner (or the next life of this worker).
             if shared.draining.is_cancelled() || stop.is_cancelled() {
@@ -627,6 +644,11 @@ async fn partition_loop(
                 continue;
             }
             batch::process(&shared, msg, &origin).await;
+        }
+        if refused {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        } else {
+            failures = 0;
         }
     }
 }

@@ -80,11 +80,7 @@ pub fn spawn(ctx: LeaderContext, epoch: u64, cancel: CancellationToken) -> Deps 
     let (tx, rx) = mpsc::unbounded_channel();
     let handle = Deps { tx: Some(tx) };
     let me = handle.clone();
-    tokio::spawn(async move {
-        if let Err(e) = run(ctx, epoch, cancel, rx, me).await {
-            warn!(error = %e, "dependency actor stopped; the next leader rebuilds from held entries");
-        }
-    });
+    tokio::spawn(run(ctx, epoch, cancel, rx, me));
     handle
 }
 
@@ -103,28 +99,24 @@ async fn run(
     cancel: CancellationToken,
     mut rx: mpsc::UnboundedReceiver<Event>,
     me: Deps,
-) -> Result<(), String> {
-    let records = Records::open(&ctx.js, &ctx.names).await?;
-    let state = ctx
-        .js
-        .get_key_value(ctx.names.bucket("state"))
-        .await
-        .map_err(|e| format!("open state bucket: {e}"))?;
-    let mut cancels = ctx
-        .js
-        .client()
-        .subscribe(ctx.names.cancel_subject(">"))
-        .await
-        .map_err(|e| format!("subscribe to cancels: {e}"))?;
-    let mut actor = Actor {
-        pipeline: Pipeline::new(ctx.clone(), epoch),
-        ctx,
-        records,
-        state,
-        index: Index::default(),
-        me,
+) {
+    // Opening and rebuilding fail while JetStream is briefly unavailable (a node restarting):
+    // try again for as long as the term lasts. Events sent meanwhile wait in the channel.
+    let mut failures = 0u32;
+    let (mut actor, mut cancels) = loop {
+        match Actor::open(&ctx, epoch, me.clone()).await {
+            Ok(opened) => break opened,
+            Err(e) => {
+                failures += 1;
+                let delay = crate::supervise::retry_delay(failures);
+                warn!(error = %e, retry_in = ?delay, "dependency actor cannot start; retrying");
+                tokio::select! {
+                    _ = cancel.cancelled() => return,
+                    _ = tokio::time::sleep(delay) => {}
+                }
+            }
+        }
     };
-    actor.rebuild().await?;
     loop {
         tokio::select! {
             biased;
@@ -142,10 +134,40 @@ async fn run(
             },
         }
     }
-    Ok(())
 }
 
 impl Actor {
+    /// Opens the buckets and the cancel subscription and rebuilds the index from the `held.*`
+    /// entries.
+    async fn open(
+        ctx: &LeaderContext,
+        epoch: u64,
+        me: Deps,
+    ) -> Result<(Self, async_nats::Subscriber), String> {
+        let records = Records::open(&ctx.js, &ctx.names).await?;
+        let state = ctx
+            .js
+            .get_key_value(ctx.names.bucket("state"))
+            .await
+            .map_err(|e| format!("open state bucket: {e}"))?;
+        let cancels = ctx
+            .js
+            .client()
+            .subscribe(ctx.names.cancel_subject(">"))
+            .await
+            .map_err(|e| format!("subscribe to cancels: {e}"))?;
+        let mut actor = Actor {
+            pipeline: Pipeline::new(ctx.clone(), epoch),
+            ctx: ctx.clone(),
+            records,
+            state,
+            index: Index::default(),
+            me,
+        };
+        actor.rebuild().await?;
+        Ok((actor, cancels))
+    }
+
     /// Loads every `held.*` entry into the index, then checks each against its parents (which
     /// may have finished while no leader was there to notice).
     async fn rebuild(&mut self) -> Result<(), String> {
