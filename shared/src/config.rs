@@ -66,6 +66,9 @@ pub struct ComponentArgs {
     /// Log format; the level comes from `DROVER_LOG` (default `info`).
     #[arg(long, env = "DROVER_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
+    /// Print the effective configuration (secrets masked) and exit.
+    #[arg(long)]
+    pub print_config: bool,
 }
 
 /// The default process id: `<host>-<pid>-<4 random hex>`, unique across container restarts.

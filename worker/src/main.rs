@@ -1,8 +1,7 @@
 //! `drover-worker`: a stateless worker that runs the tasks of the partitions it owns (SPEC §6).
 
-use clap::{CommandFactory, FromArgMatches, Parser};
+use clap::Parser;
 use drover_shared::config::{ComponentArgs, ConnectArgs};
-use drover_shared::settings::{self, FlagOverrides};
 use drover_worker::Worker;
 use std::process::ExitCode;
 
@@ -33,33 +32,13 @@ struct Args {
     /// Weight in the partition ring.
     #[arg(long, env = "DROVER_CAPACITY", default_value_t = 1)]
     capacity: u32,
-    /// Print the effective configuration (secrets masked) and exit.
-    #[arg(long)]
-    print_config: bool,
 }
 
 fn main() -> ExitCode {
-    let matches = Args::command().get_matches();
-    let args = match Args::from_arg_matches(&matches) {
-        Ok(a) => a,
-        Err(e) => e.exit(),
+    let settings = match drover_shared::ops::service::start(|a: &Args| &a.component) {
+        Ok((_, settings)) => settings,
+        Err(code) => return code,
     };
-    let flags = FlagOverrides::from_arg_matches(&matches);
-    let settings = match settings::load_from_process(args.component.config.as_deref(), &flags) {
-        Ok(s) => s.resolved(),
-        Err(e) => {
-            eprintln!("error: {e}");
-            return ExitCode::from(2);
-        }
-    };
-    if args.print_config {
-        print!("{}", settings::print_config(&settings));
-        return ExitCode::SUCCESS;
-    }
-    drover_shared::ops::service::init_tracing(settings.log.format, &settings.log.level);
-    for var in settings::unrecognized_env(std::env::vars()) {
-        tracing::warn!(variable = %var, "unknown DROVER_ variable ignored (a typo?)");
-    }
     let worker = match Worker::builder(settings).build() {
         Ok(w) => w,
         // Missing keys, a bad queue name: a usage problem, exit 2 with the message.

@@ -2,7 +2,9 @@
 //! text or JSON, a multi-threaded runtime, and the two-signal shutdown (the first SIGTERM/SIGINT
 //! starts a graceful drain, a second exits at once).
 
-use crate::config::LogFormat;
+use crate::config::{ComponentArgs, LogFormat};
+use crate::settings::{self, FlagOverrides, Settings};
+use clap::{CommandFactory, FromArgMatches};
 use std::fmt::Display;
 use std::future::Future;
 use std::process::ExitCode;
@@ -10,6 +12,39 @@ use tokio_util::sync::CancellationToken;
 
 /// Exit status of a second signal: the process did not finish draining.
 pub const EXIT_INTERRUPTED: i32 = 130;
+
+/// How every Drover binary starts: parses its command line `A`, loads the layered settings
+/// (defaults < TOML < `DROVER_*` < flags), prints them with secrets masked and stops for
+/// `--print-config`, starts logging and warns about unknown `DROVER_*` variables.
+/// `component` picks the [`ComponentArgs`] out of `A`.
+///
+/// # Errors
+/// The exit code to return: 0 after `--print-config`, 2 for a configuration that does not load
+/// (the message is on stderr).
+pub fn start<A: CommandFactory + FromArgMatches>(
+    component: impl Fn(&A) -> &ComponentArgs,
+) -> Result<(A, Settings), ExitCode> {
+    let matches = A::command().get_matches();
+    let args = A::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+    let flags = FlagOverrides::from_arg_matches(&matches);
+    let component = component(&args);
+    let settings = match settings::load_from_process(component.config.as_deref(), &flags) {
+        Ok(s) => s.resolved(),
+        Err(e) => {
+            eprintln!("error: {e}");
+            return Err(ExitCode::from(2));
+        }
+    };
+    if component.print_config {
+        print!("{}", settings::print_config(&settings));
+        return Err(ExitCode::SUCCESS);
+    }
+    init_tracing(settings.log.format, &settings.log.level);
+    for var in settings::unrecognized_env(std::env::vars()) {
+        tracing::warn!(variable = %var, "unknown DROVER_ variable ignored (a typo?)");
+    }
+    Ok((args, settings))
+}
 
 /// Logs to stderr with `level` (an `EnvFilter` directive; `info` if it does not parse) in
 /// `format`.
