@@ -662,3 +662,47 @@ async fn shards_land_on_distinct_workers_and_survive_a_worker_kill() {
     assert_eq!(r.state, TaskState::Succeeded);
     assert_ne!(r.worker.as_deref(), Some(killed.as_str()), "{r:?}");
 }
+
+/// A shard that ends without success fails its parent at once, and the shards still running
+/// are cancelled rather than left to run to an end that can no longer change the parent.
+#[tokio::test]
+async fn a_failed_shard_cancels_the_siblings_still_running() {
+    let rig = Rig::start(1, 3).await;
+    rig.submit(json!({"id": "sc", "type": "sleep", "payload": {"ms": 30000},
+                      "timeout_ms": 60000, "shards": 3}))
+        .await;
+    let ids: Vec<String> = (0..3).map(|i| format!("sc-s{i}")).collect();
+    for id in &ids {
+        rig.wait_state(id, TaskState::Running, Duration::from_secs(20))
+            .await;
+    }
+    // Shard 1 ends without success (cancelled by request): the parent fails.
+    let cancelled_at = Instant::now();
+    let reply = rig.ask("cancel", json!({"id": "sc-s1"})).await;
+    assert_eq!(reply["ok"], json!(true), "{reply}");
+    let parent = rig
+        .wait_state("sc", TaskState::Failed, Duration::from_secs(10))
+        .await;
+    assert!(
+        parent.error.as_ref().unwrap().message.contains("sc-s1"),
+        "{parent:?}"
+    );
+    // Its siblings, 30 s from their end, are cancelled within seconds.
+    let done = rig.wait_terminal(&ids, Duration::from_secs(10)).await;
+    for id in ["sc-s0", "sc-s2"] {
+        let r = &done[id];
+        assert_eq!(r.state, TaskState::Cancelled, "{r:?}");
+        let e = r.error.as_ref().unwrap();
+        assert!(e.message.contains("parent sc failed"), "{e:?}");
+    }
+    assert!(
+        cancelled_at.elapsed() < Duration::from_secs(10),
+        "siblings ended {:?} after the first shard",
+        cancelled_at.elapsed()
+    );
+    // The workers stopped them: no sibling reports success afterwards.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for id in ["sc-s0", "sc-s2"] {
+        assert_eq!(rig.record(id).await.unwrap().state, TaskState::Cancelled);
+    }
+}

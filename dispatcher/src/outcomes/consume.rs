@@ -185,10 +185,15 @@ impl Handler {
         if record.shard.is_none() || record.parent.is_none() {
             return Ok(());
         }
-        if let Some(parent) = crate::deps::shards::settle_parent(&self.records, record).await? {
+        let settled = crate::deps::shards::settle_parent(&self.ctx, &self.records, record).await?;
+        if let Some(parent) = settled.parent {
             log_record(&parent);
             self.ctx.events.emit(&parent);
             self.ctx.deps.finished(&parent.id, parent.state);
+        }
+        for shard in settled.cancelled {
+            log_record(&shard);
+            self.ctx.events.emit(&shard);
         }
         Ok(())
     }
