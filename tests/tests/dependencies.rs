@@ -350,6 +350,46 @@ fn release_latencies(
     out
 }
 
+/// Issue #6: dependents start within 50 ms of their last parent. A 200-task DAG (10 levels of
+/// 20, fan-in and fan-out, 20 ms tasks) with no fault; reports p50/p99 of the release latency
+/// (`DROVER_TEST_RELEASE_BINS=1` for release binaries). Asserts only a loose bound, since the
+/// shared test machine's load decides the tail.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn dependents_start_soon_after_their_last_parent() {
+    let rig = Rig::start(1, 3).await;
+    let tasks = dag("rel", 10, 20);
+    let body: Vec<Value> = tasks
+        .iter()
+        .map(|(id, deps)| {
+            json!({"id": id, "type": "sleep", "payload": {"ms": 20}, "depends_on": deps})
+        })
+        .collect();
+    let ids: Vec<String> = tasks.iter().map(|(id, _)| id.clone()).collect();
+    rig.submit(Value::Array(body)).await;
+    let records = rig.wait_terminal(&ids, Duration::from_secs(60)).await;
+    for id in &ids {
+        assert_eq!(records[id].state, TaskState::Succeeded, "{:?}", records[id]);
+    }
+    let mut lat: Vec<i64> = release_latencies(&tasks, &records)
+        .into_iter()
+        .map(|(_, ms, _)| ms)
+        .collect();
+    lat.sort_unstable();
+    println!(
+        "release latency (last parent finished -> child started), {} children, no fault: p50 {} ms, p99 {} ms, max {} ms",
+        lat.len(),
+        percentile(&lat, 0.5),
+        percentile(&lat, 0.99),
+        lat.last().copied().unwrap_or(0)
+    );
+    assert!(lat[0] >= 0, "a child started before its parent finished");
+    assert!(
+        percentile(&lat, 0.5) < 250,
+        "median release latency {} ms",
+        percentile(&lat, 0.5)
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_dag_completes_in_dependency_order_across_a_leader_kill() {
     let rig = Rig::start(2, 3).await;
