@@ -739,7 +739,9 @@ impl Pipeline {
                 .map(|i| i.stream_sequence)
                 .unwrap_or(0);
             let timer = delays::TimerId::Delay { intake_seq: seq };
-            acks.push(delays::timer::publish(&self.ctx, self.epoch, &d.task, timer, d.due_ms).await);
+            acks.push(
+                delays::timer::publish(&self.ctx, self.epoch, &d.task, timer, d.due_ms).await,
+            );
         }
         for (d, ack) in delayed.iter().zip(acks) {
             let result = match ack {

@@ -30,8 +30,7 @@ pub fn drover_bin(bin: &str) -> PathBuf {
     let root = crate::workspace_root();
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     // `DROVER_TEST_RELEASE_BINS=1`: a debug test run measures release binaries.
-    let release =
-        !cfg!(debug_assertions) || std::env::var_os("DROVER_TEST_RELEASE_BINS").is_some();
+    let release = !cfg!(debug_assertions) || std::env::var_os("DROVER_TEST_RELEASE_BINS").is_some();
     let args: &[&str] = if release {
         &["build", "--quiet", "--release", "--workspace", "--bins"]
     } else {

@@ -437,7 +437,11 @@ async fn retries_start_at_their_backoff_instant() {
     let mut long = Vec::new();
     for ((id, attempt), at) in &planned {
         let late = started[&(id.clone(), *attempt)] - at;
-        assert!(late >= 0, "{id} attempt {attempt} started {} ms early", -late);
+        assert!(
+            late >= 0,
+            "{id} attempt {attempt} started {} ms early",
+            -late
+        );
         let i: usize = id[1..].parse().unwrap();
         if i < 8 { &mut short } else { &mut long }.push(late);
     }

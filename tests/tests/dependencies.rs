@@ -708,9 +708,11 @@ async fn shards_land_on_distinct_workers_and_survive_a_worker_kill() {
 #[tokio::test]
 async fn a_failed_shard_cancels_the_siblings_still_running() {
     let rig = Rig::start(1, 3).await;
-    rig.submit(json!({"id": "sc", "type": "sleep", "payload": {"ms": 30000},
-                      "timeout_ms": 60000, "shards": 3}))
-        .await;
+    rig.submit(
+        json!({"id": "sc", "type": "sleep", "payload": {"ms": 30000},
+                      "timeout_ms": 60000, "shards": 3}),
+    )
+    .await;
     let ids: Vec<String> = (0..3).map(|i| format!("sc-s{i}")).collect();
     for id in &ids {
         rig.wait_state(id, TaskState::Running, Duration::from_secs(20))

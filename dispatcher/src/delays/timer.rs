@@ -36,14 +36,7 @@ pub async fn publish(
         }
     }
     let now_ms = chrono::Utc::now().timestamp_millis();
-    let (subject, extra) = timer_headers(
-        &ctx.names,
-        &task.queue,
-        &task.id,
-        timer,
-        due_ms,
-        now_ms,
-    );
+    let (subject, extra) = timer_headers(&ctx.names, &task.queue, &task.id, timer, due_ms, now_ms);
     for (k, v) in extra {
         headers.insert(k, v);
     }

@@ -508,7 +508,11 @@ mod tests {
         assert_eq!(c.finished_at, Some(now));
         let e = c.error.unwrap();
         assert_eq!(e.kind, ErrorKind::Cancelled);
-        assert!(e.message.contains("p-s0 ended failed: boom"), "{}", e.message);
+        assert!(
+            e.message.contains("p-s0 ended failed: boom"),
+            "{}",
+            e.message
+        );
         // No record yet: one is made from the parent, naming the shard.
         let c = cancel_sibling(&parent, 2, 3, None, now).unwrap();
         assert_eq!(c.id, "p-s2");
@@ -517,7 +521,11 @@ mod tests {
         assert_eq!(c.state, TaskState::Cancelled);
         assert!(c.started_at.is_none());
         // Ended shards are left alone.
-        for state in [TaskState::Succeeded, TaskState::Failed, TaskState::Cancelled] {
+        for state in [
+            TaskState::Succeeded,
+            TaskState::Failed,
+            TaskState::Cancelled,
+        ] {
             let r = TaskRecord::new(&shards[0], state, now);
             assert!(cancel_sibling(&parent, 0, 3, Some(&r), now).is_none());
         }
