@@ -10,7 +10,7 @@
 //! Prints p50 / p99 / max; asserts only that every task ran and none early.
 //!
 //! `DROVER_BENCH_PENDING=100000,1000000` (counts, cumulative) then measures memory with that
-//! many delayed tasks pending (due in an hour, submitted as arrays of 1,000; no workers): the
+//! many delayed tasks pending (due in an hour, submitted as arrays of 100; no workers): the
 //! leader's RSS, the nats-server's RSS and the store directory's size at 0 pending and at each
 //! count. `DROVER_BENCH_DELAYED=none` skips the precision runs.
 
@@ -212,7 +212,7 @@ async fn pending(levels: &[usize]) {
         let from = submitted;
         let mut acks = std::collections::VecDeque::new();
         while submitted < level {
-            let n = (level - submitted).min(1_000);
+            let n = (level - submitted).min(100);
             let tasks: Vec<serde_json::Value> = (submitted..submitted + n)
                 .map(|i| serde_json::json!({"type": "noop", "id": format!("p{i}"), "run_at": at}))
                 .collect();
