@@ -770,7 +770,10 @@ impl Pipeline {
                 .info()
                 .map(|i| i.stream_sequence)
                 .unwrap_or(0);
-            acks.push(delays::timer::publish(&self.ctx, self.epoch, &d.task, seq, d.due_ms).await);
+            let timer = delays::TimerId::Delay { intake_seq: seq };
+            acks.push(
+                delays::timer::publish(&self.ctx, self.epoch, &d.task, timer, d.due_ms).await,
+            );
         }
         for (d, ack) in delayed.iter().zip(acks) {
             let result = match ack {

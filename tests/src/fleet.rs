@@ -15,7 +15,8 @@ use std::time::{Duration, Instant};
 /// process, so tests always run the current code.
 ///
 /// An optimized harness (`cargo bench`) builds and runs release binaries, so benchmarks measure
-/// what users run; tests use the debug build that `cargo test` already made.
+/// what users run; tests use the debug build that `cargo test` already made, unless
+/// `DROVER_TEST_RELEASE_BINS` is set (a test's own latency report on release binaries).
 ///
 /// # Panics
 /// If the build fails, with cargo's output.
@@ -28,7 +29,8 @@ pub fn drover_bin(bin: &str) -> PathBuf {
     }
     let root = crate::workspace_root();
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let release = !cfg!(debug_assertions);
+    // `DROVER_TEST_RELEASE_BINS=1`: a debug test run measures release binaries.
+    let release = !cfg!(debug_assertions) || std::env::var_os("DROVER_TEST_RELEASE_BINS").is_some();
     let args: &[&str] = if release {
         &["build", "--quiet", "--release", "--workspace", "--bins"]
     } else {

@@ -350,6 +350,46 @@ fn release_latencies(
     out
 }
 
+/// Issue #6: dependents start within 50 ms of their last parent. A 200-task DAG (10 levels of
+/// 20, fan-in and fan-out, 20 ms tasks) with no fault; reports p50/p99 of the release latency
+/// (`DROVER_TEST_RELEASE_BINS=1` for release binaries). Asserts only a loose bound, since the
+/// shared test machine's load decides the tail.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn dependents_start_soon_after_their_last_parent() {
+    let rig = Rig::start(1, 3).await;
+    let tasks = dag("rel", 10, 20);
+    let body: Vec<Value> = tasks
+        .iter()
+        .map(|(id, deps)| {
+            json!({"id": id, "type": "sleep", "payload": {"ms": 20}, "depends_on": deps})
+        })
+        .collect();
+    let ids: Vec<String> = tasks.iter().map(|(id, _)| id.clone()).collect();
+    rig.submit(Value::Array(body)).await;
+    let records = rig.wait_terminal(&ids, Duration::from_secs(60)).await;
+    for id in &ids {
+        assert_eq!(records[id].state, TaskState::Succeeded, "{:?}", records[id]);
+    }
+    let mut lat: Vec<i64> = release_latencies(&tasks, &records)
+        .into_iter()
+        .map(|(_, ms, _)| ms)
+        .collect();
+    lat.sort_unstable();
+    println!(
+        "release latency (last parent finished -> child started), {} children, no fault: p50 {} ms, p99 {} ms, max {} ms",
+        lat.len(),
+        percentile(&lat, 0.5),
+        percentile(&lat, 0.99),
+        lat.last().copied().unwrap_or(0)
+    );
+    assert!(lat[0] >= 0, "a child started before its parent finished");
+    assert!(
+        percentile(&lat, 0.5) < 250,
+        "median release latency {} ms",
+        percentile(&lat, 0.5)
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_dag_completes_in_dependency_order_across_a_leader_kill() {
     let rig = Rig::start(2, 3).await;
@@ -661,4 +701,50 @@ async fn shards_land_on_distinct_workers_and_survive_a_worker_kill() {
     let r = rig.record(&victim.id).await.unwrap();
     assert_eq!(r.state, TaskState::Succeeded);
     assert_ne!(r.worker.as_deref(), Some(killed.as_str()), "{r:?}");
+}
+
+/// A shard that ends without success fails its parent at once, and the shards still running
+/// are cancelled rather than left to run to an end that can no longer change the parent.
+#[tokio::test]
+async fn a_failed_shard_cancels_the_siblings_still_running() {
+    let rig = Rig::start(1, 3).await;
+    rig.submit(
+        json!({"id": "sc", "type": "sleep", "payload": {"ms": 30000},
+                      "timeout_ms": 60000, "shards": 3}),
+    )
+    .await;
+    let ids: Vec<String> = (0..3).map(|i| format!("sc-s{i}")).collect();
+    for id in &ids {
+        rig.wait_state(id, TaskState::Running, Duration::from_secs(20))
+            .await;
+    }
+    // Shard 1 ends without success (cancelled by request): the parent fails.
+    let cancelled_at = Instant::now();
+    let reply = rig.ask("cancel", json!({"id": "sc-s1"})).await;
+    assert_eq!(reply["ok"], json!(true), "{reply}");
+    let parent = rig
+        .wait_state("sc", TaskState::Failed, Duration::from_secs(10))
+        .await;
+    assert!(
+        parent.error.as_ref().unwrap().message.contains("sc-s1"),
+        "{parent:?}"
+    );
+    // Its siblings, 30 s from their end, are cancelled within seconds.
+    let done = rig.wait_terminal(&ids, Duration::from_secs(10)).await;
+    for id in ["sc-s0", "sc-s2"] {
+        let r = &done[id];
+        assert_eq!(r.state, TaskState::Cancelled, "{r:?}");
+        let e = r.error.as_ref().unwrap();
+        assert!(e.message.contains("parent sc failed"), "{e:?}");
+    }
+    assert!(
+        cancelled_at.elapsed() < Duration::from_secs(10),
+        "siblings ended {:?} after the first shard",
+        cancelled_at.elapsed()
+    );
+    // The workers stopped them: no sibling reports success afterwards.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for id in ["sc-s0", "sc-s2"] {
+        assert_eq!(rig.record(id).await.unwrap().state, TaskState::Cancelled);
+    }
 }

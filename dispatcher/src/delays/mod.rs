@@ -4,8 +4,9 @@
 //! [`crate::due`] carry them out.
 //!
 //! **Timers.** A task whose earliest start lies in the future gets a `scheduled` record and a
-//! sealed one-task timer in `DROVER_DELAYED` (the same convention as retry timers, see
-//! [`crate::outcomes`]) instead of an envelope; the intake message is acked after the timer's
+//! sealed one-task timer in `DROVER_DELAYED` instead of an envelope (retry timers, published by
+//! [`crate::outcomes`], take exactly the same path, [`timer::publish`], with their own
+//! [`TimerId`]); the intake message is acked after the timer's
 //! PubAck. The timer carries its due instant in the `Drover-Due` header (ms since the epoch).
 //! The server's message scheduler ticks at about 250 ms, so a timer asks the server to fire
 //! [`HOLD_AHEAD`] *before* the due instant; the leader's due consumer then holds the fired copy
@@ -102,19 +103,51 @@ pub fn timer_route(due_ms: i64, now_ms: i64) -> TimerRoute {
     }
 }
 
-/// Headers (besides the envelope's own `Drover-*`) and subject of the first-attempt timer of
-/// task `id` in `queue`, due at `due_ms`, from intake message `intake_seq`. The `Nats-Msg-Id`
-/// makes a redelivered intake message's timer a duplicate the stream drops.
+/// The `Nats-Msg-Id` of a timer: what makes a second publish of the same timer (a redelivered
+/// intake message, a redelivered outcome) a duplicate the stream drops.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TimerId {
+    /// A delayed task's first attempt, from intake message `intake_seq`: `delay-<id>-<seq>`.
+    Delay {
+        /// Stream sequence of the intake message.
+        intake_seq: u64,
+    },
+    /// Attempt `attempt` after a failed attempt that started at `failed_started_ms` (ms):
+    /// `retry-<id>-<attempt>-<started>`, so a new series after `drover.api.retry` gets ids of
+    /// its own.
+    Retry {
+        /// The attempt the timer starts.
+        attempt: u32,
+        /// When the failed attempt started, ms since the epoch.
+        failed_started_ms: i64,
+    },
+}
+
+impl TimerId {
+    /// The `Nats-Msg-Id` value for task `id`.
+    pub fn msg_id(self, id: &str) -> String {
+        match self {
+            Self::Delay { intake_seq } => format!("delay-{id}-{intake_seq}"),
+            Self::Retry {
+                attempt,
+                failed_started_ms,
+            } => format!("retry-{id}-{attempt}-{failed_started_ms}"),
+        }
+    }
+}
+
+/// Headers (besides the envelope's own `Drover-*`) and subject of the timer of task `id` in
+/// `queue`, due at `due_ms` — a delayed task's first attempt or a retry, one path for both.
 pub fn timer_headers(
     names: &Names,
     queue: &str,
     id: &str,
-    intake_seq: u64,
+    timer: TimerId,
     due_ms: i64,
     now_ms: i64,
 ) -> (String, Vec<(&'static str, String)>) {
     let mut headers = vec![
-        ("Nats-Msg-Id", format!("delay-{id}-{intake_seq}")),
+        ("Nats-Msg-Id", timer.msg_id(id)),
         (HDR_DUE, due_ms.to_string()),
     ];
     match timer_route(due_ms, now_ms) {
@@ -313,15 +346,26 @@ mod tests {
         let names = Names::default();
         assert_eq!(timer_route(10_000, 0), TimerRoute::Schedule(9_000));
         assert_eq!(timer_route(1_200, 0), TimerRoute::Direct);
-        let (subject, h) = timer_headers(&names, "mail", "t1", 7, 10_000, 0);
+        let delay = TimerId::Delay { intake_seq: 7 };
+        let (subject, h) = timer_headers(&names, "mail", "t1", delay, 10_000, 0);
         assert_eq!(subject, "drover.delayed.mail.t1");
         assert!(h.contains(&("Nats-Msg-Id", "delay-t1-7".into())));
         assert!(h.contains(&(HDR_DUE, "10000".into())));
         assert!(h.contains(&("Nats-Schedule", "@at 1970-01-01T00:00:09.000Z".into())));
         assert!(h.contains(&("Nats-Schedule-Target", "drover.due.mail".into())));
-        let (subject, h) = timer_headers(&names, "mail", "t1", 7, 500, 0);
+        let (subject, h) = timer_headers(&names, "mail", "t1", delay, 500, 0);
         assert_eq!(subject, "drover.due.mail");
         assert!(!h.iter().any(|(k, _)| k.starts_with("Nats-Schedule")));
+        // A retry takes the same route, with an id of its own per failed attempt.
+        let retry = TimerId::Retry {
+            attempt: 2,
+            failed_started_ms: 42,
+        };
+        let (subject, h) = timer_headers(&names, "mail", "t1", retry, 10_000, 0);
+        assert_eq!(subject, "drover.delayed.mail.t1");
+        assert!(h.contains(&("Nats-Msg-Id", "retry-t1-2-42".into())));
+        assert!(h.contains(&(HDR_DUE, "10000".into())));
+        assert!(h.contains(&("Nats-Schedule", "@at 1970-01-01T00:00:09.000Z".into())));
         assert_eq!(due_of(Some("123")), Some(123));
         assert_eq!(due_of(Some("x")), None);
         assert_eq!(due_of(None), None);

@@ -1,7 +1,9 @@
-//! Publishing first-attempt timers of delayed tasks into `DROVER_DELAYED` (the NATS half of
-//! [`super::timer_headers`]): the task sealed as a one-task envelope, as retry timers are.
+//! Publishing timers into `DROVER_DELAYED` (the NATS half of [`super::timer_headers`]): the
+//! task sealed as a one-task envelope. Delayed tasks' first attempts and retries both go
+//! through [`publish`], so both fire early and are held to their exact instant by
+//! [`crate::due`].
 
-use super::timer_headers;
+use super::{TimerId, timer_headers};
 use crate::leader::LeaderContext;
 use crate::outcomes::DELAYED_PARTITION;
 use async_nats::HeaderMap;
@@ -9,13 +11,12 @@ use async_nats::jetstream::context::PublishAckFuture;
 use drover_shared::envelope::{self, BatchMeta};
 use drover_shared::task::Task;
 
-/// Seals `task` and publishes its timer, due at `due_ms`, for intake message `intake_seq`;
-/// returns the PubAck to await.
+/// Seals `task` and publishes its timer `timer`, due at `due_ms`; returns the PubAck to await.
 pub async fn publish(
     ctx: &LeaderContext,
     epoch: u64,
     task: &Task,
-    intake_seq: u64,
+    timer: TimerId,
     due_ms: i64,
 ) -> Result<PublishAckFuture, String> {
     let meta = BatchMeta::new(&task.queue, DELAYED_PARTITION, epoch);
@@ -35,14 +36,7 @@ pub async fn publish(
         }
     }
     let now_ms = chrono::Utc::now().timestamp_millis();
-    let (subject, extra) = timer_headers(
-        &ctx.names,
-        &task.queue,
-        &task.id,
-        intake_seq,
-        due_ms,
-        now_ms,
-    );
+    let (subject, extra) = timer_headers(&ctx.names, &task.queue, &task.id, timer, due_ms, now_ms);
     for (k, v) in extra {
         headers.insert(k, v);
     }

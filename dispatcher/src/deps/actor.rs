@@ -16,7 +16,7 @@ use crate::intake::Scheduling;
 use crate::leader::{LeaderContext, Pipeline, Routed};
 use crate::records::{CAS_ATTEMPTS, Records, WriteError};
 use async_nats::jetstream::kv;
-use drover_shared::task::{TaskRecord, TaskState};
+use drover_shared::task::{Task, TaskRecord, TaskState};
 use futures::StreamExt;
 use std::collections::HashMap;
 use std::time::Duration;
@@ -26,6 +26,8 @@ use tracing::{debug, info, warn};
 
 /// How long a release whose dispatch failed waits before it is tried again.
 const RELEASE_RETRY: Duration = Duration::from_millis(500);
+/// Held children checked (parents read, released) together.
+const CHECK_CHUNK: usize = 256;
 
 /// What the actor is told.
 #[derive(Debug)]
@@ -201,9 +203,7 @@ impl Actor {
             .iter()
             .filter_map(|k| k.strip_prefix(HELD_PREFIX).map(str::to_owned))
             .collect();
-        for id in ids {
-            self.check(&id).await;
-        }
+        self.check_many(ids).await;
         Ok(())
     }
 
@@ -211,9 +211,9 @@ impl Actor {
         match event {
             Event::Held { id, parents } => {
                 self.index.hold(&id, &parents);
-                self.check(&id).await;
+                self.check_many(vec![id]).await;
             }
-            Event::Recheck { id } => self.check(&id).await,
+            Event::Recheck { id } => self.check_many(vec![id]).await,
             Event::Finished { id, state } => self.finished(id, state).await,
             Event::Cancelled { id } => match self.records.read(&id).await {
                 Ok(c) => {
@@ -233,44 +233,67 @@ impl Actor {
             if self.index.remove(&id).is_some() {
                 self.drop_entry(&id).await;
             }
-            for child in self.index.children_of(&id) {
-                if state == TaskState::Succeeded {
-                    self.check(&child).await;
-                } else if let Some(done) = self.fail(&child, &id, state).await {
-                    work.push(done);
+            let children = self.index.children_of(&id);
+            if state == TaskState::Succeeded {
+                // All children at once: their checks, claims and one dispatch overlap, so the
+                // last of a fan-out does not wait for its siblings' round trips.
+                self.check_many(children).await;
+            } else {
+                for child in children {
+                    if let Some(done) = self.fail(&child, &id, state).await {
+                        work.push(done);
+                    }
                 }
             }
         }
     }
 
-    /// Reads a held child's parents and releases or fails it when they decide it.
-    async fn check(&mut self, child: &str) {
-        let Some(parents) = self.index.parents_of(child).map(<[String]>::to_vec) else {
-            return;
-        };
-        let reads = parents.iter().map(|p| self.records.read(p));
-        let states = match futures::future::try_join_all(reads).await {
-            Ok(s) => s,
-            Err(e) => {
-                warn!(task_id = %child, error = %e, "cannot read dependencies; checked again later");
-                self.recheck_later(child);
-                return;
+    /// Reads the parents of held `children` (concurrently, [`CHECK_CHUNK`] children at a time)
+    /// and releases or fails each child when they decide it; the ready ones are released
+    /// together ([`Self::release_many`]).
+    async fn check_many(&mut self, children: Vec<String>) {
+        for chunk in children.chunks(CHECK_CHUNK) {
+            let jobs: Vec<(&String, Vec<String>)> = chunk
+                .iter()
+                .filter_map(|c| self.index.parents_of(c).map(|p| (c, p.to_vec())))
+                .collect();
+            let reads = jobs.iter().map(|(_, parents)| {
+                futures::future::try_join_all(parents.iter().map(|p| self.records.read(p)))
+            });
+            let results = futures::future::join_all(reads).await;
+            let mut ready = Vec::new();
+            let mut blocked = Vec::new();
+            for ((child, parents), states) in jobs.into_iter().zip(results) {
+                let states = match states {
+                    Ok(s) => s,
+                    Err(e) => {
+                        warn!(task_id = %child, error = %e, "cannot read dependencies; checked again later");
+                        self.recheck_later(child);
+                        continue;
+                    }
+                };
+                // No record while a child is held: not written yet (`tracking = "terminal"` or
+                // a parent of the same chunk) — it exists, it was checked at intake.
+                let view = parents.iter().zip(&states).map(|(p, c)| {
+                    let parent = match c.record.as_ref() {
+                        None => Parent::Pending,
+                        Some(r) => Parent::of(Some(r)),
+                    };
+                    (p.as_str(), parent)
+                });
+                match plan::readiness(view) {
+                    Readiness::Wait => {}
+                    Readiness::Ready => ready.push(child.clone()),
+                    Readiness::Blocked { parent, state } => {
+                        blocked.push((child.clone(), parent, state));
+                    }
+                }
             }
-        };
-        // No record while a child is held: not written yet (`tracking = "terminal"` or a
-        // parent of the same chunk) — it exists, it was checked at intake.
-        let view = parents.iter().zip(&states).map(|(p, c)| {
-            let parent = match c.record.as_ref() {
-                None => Parent::Pending,
-                Some(r) => Parent::of(Some(r)),
-            };
-            (p.as_str(), parent)
-        });
-        match plan::readiness(view) {
-            Readiness::Wait => {}
-            Readiness::Ready => self.release(child).await,
-            Readiness::Blocked { parent, state } => {
-                if let Some((id, state)) = self.fail(child, &parent, state).await {
+            if !ready.is_empty() {
+                self.release_many(ready).await;
+            }
+            for (child, parent, state) in blocked {
+                if let Some((id, state)) = self.fail(&child, &parent, state).await {
                     Box::pin(self.finished(id, state)).await;
                 }
             }
@@ -286,83 +309,109 @@ impl Actor {
         });
     }
 
-    /// Dispatches a held child whose parents all succeeded: claim by `scheduled → queued`
-    /// (compare-and-set), route (fan out shards), publish, then delete the held entry.
-    async fn release(&mut self, child: &str) {
-        let Some(parents) = self.index.remove(child) else {
-            return;
-        };
+    /// Dispatches held children whose parents all succeeded: per child (concurrently) read the
+    /// held entry and claim by `scheduled → queued` (compare-and-set); then route (fan out
+    /// shards) and publish them together, then delete the held entries.
+    async fn release_many(&mut self, children: Vec<String>) {
+        let taken: Vec<(String, Vec<String>)> = children
+            .into_iter()
+            .filter_map(|c| self.index.remove(&c).map(|p| (c, p)))
+            .collect();
+        let prepared =
+            futures::future::join_all(taken.iter().map(|(c, _)| self.prepare_release(c))).await;
+        let mut go: Vec<(String, Vec<String>, HeldEntry, Task)> = Vec::new();
+        let mut ended = Vec::new();
+        for ((child, parents), prep) in taken.into_iter().zip(prepared) {
+            match prep {
+                Prepared::Go(entry, task) => go.push((child, parents, *entry, *task)),
+                Prepared::Skip => {}
+                Prepared::Ended(state) => {
+                    self.drop_entry(&child).await;
+                    if state.is_terminal() && state != TaskState::Succeeded {
+                        ended.push((child, state));
+                    }
+                }
+                Prepared::Later(why, e) => {
+                    warn!(task_id = %child, error = %e, "{why}; checked again later");
+                    self.index.hold(&child, &parents);
+                    self.recheck_later(&child);
+                }
+            }
+        }
+        let mut scheduling = HashMap::new();
+        let mut routed = Vec::with_capacity(go.len());
+        let mut sent = Vec::with_capacity(go.len());
+        for (child, parents, entry, task) in go {
+            let partition = match self.pipeline.route(&task).await {
+                Ok(p) => p,
+                Err(e) => {
+                    warn!(task_id = %child, error = %e, "cannot route a released task; checked again later");
+                    self.index.hold(&child, &parents);
+                    self.recheck_later(&child);
+                    continue;
+                }
+            };
+            scheduling.insert(
+                task.id.clone(),
+                Scheduling {
+                    depends_on: Vec::new(),
+                    shards: shards_of(entry.shards),
+                },
+            );
+            routed.push(Routed {
+                task,
+                from: sent.len(),
+                partition,
+            });
+            sent.push((child, parents));
+        }
+        if !routed.is_empty() {
+            let routed = shards::expand(&mut self.pipeline, routed, &scheduling).await;
+            let failed = self.pipeline.send(routed).await;
+            let mut released = Vec::new();
+            for (i, (child, parents)) in sent.into_iter().enumerate() {
+                if failed.contains(&i) {
+                    warn!(task_id = %child, "released task not dispatched; checked again later");
+                    self.index.hold(&child, &parents);
+                    self.recheck_later(&child);
+                } else {
+                    self.ctx.metrics.deps_released.inc();
+                    debug!(task_id = %child, "dependencies succeeded; dispatched");
+                    released.push(child);
+                }
+            }
+            futures::future::join_all(released.iter().map(|c| self.drop_entry(c))).await;
+        }
+        for (child, state) in ended {
+            Box::pin(self.finished(child, state)).await;
+        }
+    }
+
+    /// The held entry of `child`, opened, and the claim of its record.
+    async fn prepare_release(&self, child: &str) -> Prepared {
         let entry = match self.state.get(held_key(child)).await {
             Ok(Some(v)) => match HeldEntry::parse(&v) {
                 Ok(e) => e,
                 Err(e) => {
                     warn!(task_id = %child, error = %e, "held entry unusable; dropped");
-                    return;
+                    return Prepared::Skip;
                 }
             },
-            Ok(None) => return,
-            Err(e) => {
-                warn!(task_id = %child, error = %e, "cannot read held entry; checked again later");
-                self.index.hold(child, &parents);
-                self.recheck_later(child);
-                return;
-            }
+            Ok(None) => return Prepared::Skip,
+            Err(e) => return Prepared::Later("cannot read held entry", e.to_string()),
         };
         let task = match entry.open(&self.ctx.keys, &self.ctx.config.codec) {
             Ok(t) => t,
             Err(e) => {
                 warn!(task_id = %child, error = %e, "held task does not open; kept for a key rollout");
-                return;
+                return Prepared::Skip;
             }
         };
         match self.claim(child).await {
-            Ok(Claim::Go) => {}
-            Ok(Claim::Done(state)) => {
-                self.drop_entry(child).await;
-                if state.is_terminal() && state != TaskState::Succeeded {
-                    Box::pin(self.finished(child.to_owned(), state)).await;
-                }
-                return;
-            }
-            Err(e) => {
-                warn!(task_id = %child, error = %e, "cannot claim a released task; checked again later");
-                self.index.hold(child, &parents);
-                self.recheck_later(child);
-                return;
-            }
+            Ok(Claim::Go) => Prepared::Go(Box::new(entry), Box::new(task)),
+            Ok(Claim::Done(state)) => Prepared::Ended(state),
+            Err(e) => Prepared::Later("cannot claim a released task", e),
         }
-        let partition = match self.pipeline.route(&task).await {
-            Ok(p) => p,
-            Err(e) => {
-                warn!(task_id = %child, error = %e, "cannot route a released task; checked again later");
-                self.index.hold(child, &parents);
-                self.recheck_later(child);
-                return;
-            }
-        };
-        let mut scheduling = HashMap::new();
-        scheduling.insert(
-            task.id.clone(),
-            Scheduling {
-                depends_on: Vec::new(),
-                shards: shards_of(entry.shards),
-            },
-        );
-        let routed = vec![Routed {
-            task,
-            from: 0,
-            partition,
-        }];
-        let routed = shards::expand(&mut self.pipeline, routed, &scheduling).await;
-        if !self.pipeline.send(routed).await.is_empty() {
-            warn!(task_id = %child, "released task not dispatched; checked again later");
-            self.index.hold(child, &parents);
-            self.recheck_later(child);
-            return;
-        }
-        self.ctx.metrics.deps_released.inc();
-        debug!(task_id = %child, "dependencies succeeded; dispatched");
-        self.drop_entry(child).await;
     }
 
     /// Moves the child's record from `scheduled` to `queued`. A record already `queued` was
@@ -469,4 +518,16 @@ impl Actor {
 enum Claim {
     Go,
     Done(TaskState),
+}
+
+/// A held child made ready for dispatch, or why not.
+enum Prepared {
+    /// Claimed: dispatch it.
+    Go(Box<HeldEntry>, Box<Task>),
+    /// Nothing to do (no entry, or an entry that cannot be used now).
+    Skip,
+    /// Its record is already past `scheduled`/`queued`, in this state.
+    Ended(TaskState),
+    /// A read or write failed: hold it again and check later.
+    Later(&'static str, String),
 }

@@ -1,7 +1,8 @@
 //! Sharded broadcast (SPEC §1.1 `shards`): a task with `shards: N | "all"` becomes shard tasks
 //! `<id>-s<index>` (`shard: {index,total}`, `parent: <id>`) routed to partitions owned by
 //! distinct workers in the queue's current `assignment.<queue>`; the parent's record completes
-//! when every shard succeeded and fails when one fails for good.
+//! when every shard succeeded and fails when one fails for good; the shards still pending or
+//! running are then cancelled.
 //!
 //! Placement: the owners of the queue's partitions, sorted by id, take shards in turn (shard `i`
 //! → worker `i mod W`, that worker's `(i / W)`-th partition), so N ≤ W shards land on N distinct
@@ -11,7 +12,7 @@
 
 use crate::assign::{AssignmentRecord, assignment_key};
 use crate::intake::Scheduling;
-use crate::leader::{Pipeline, Routed};
+use crate::leader::{LeaderContext, Pipeline, Routed};
 use crate::records::{CAS_ATTEMPTS, Records, WriteError};
 use async_nats::HeaderMap;
 use drover_shared::task::{ErrorKind, ShardInfo, Shards, Task, TaskError, TaskRecord, TaskState};
@@ -224,39 +225,160 @@ async fn create(ctx: &crate::leader::LeaderContext, record: &TaskRecord) {
     }
 }
 
+/// The cancelled record of shard `index` of `total` of a parent that failed (`parent`, its
+/// failed record), given the shard's current record: `None` when it already ended. A shard with
+/// no record (not started while only terminal states are tracked) gets one built from the
+/// parent, so a worker that receives it later skips it.
+pub fn cancel_sibling(
+    parent: &TaskRecord,
+    index: u32,
+    total: u32,
+    sibling: Option<&TaskRecord>,
+    now: chrono::DateTime<chrono::Utc>,
+) -> Option<TaskRecord> {
+    let mut next = match sibling {
+        Some(r) if r.state.is_terminal() => return None,
+        Some(r) => r.clone(),
+        None => {
+            let mut r = parent.clone();
+            r.id = shard_id(&parent.id, index);
+            r.parent = Some(parent.id.clone());
+            r.shard = Some(ShardInfo { index, total });
+            r.started_at = None;
+            r.worker = None;
+            r.partition = None;
+            r.result = None;
+            r.duration_ms = None;
+            r
+        }
+    };
+    let why = parent.error.as_ref().map_or("", |e| e.message.as_str());
+    next.state = TaskState::Cancelled;
+    next.finished_at = Some(now);
+    next.next_run_at = None;
+    next.error = Some(TaskError {
+        kind: ErrorKind::Cancelled,
+        message: format!("cancelled: its parent {} failed ({why})", parent.id),
+    });
+    Some(next)
+}
+
+/// What settling a shard's parent changed.
+#[derive(Debug, Default)]
+pub(crate) struct Settled {
+    /// The parent's new terminal record, if this call wrote it.
+    pub parent: Option<TaskRecord>,
+    /// Sibling shards this call cancelled because the parent failed.
+    pub cancelled: Vec<TaskRecord>,
+}
+
 /// After shard `shard` (a record with `parent` and `shard`) finished: reads the parent and
 /// every sibling, and writes the parent's terminal record when they decide it (compare-and-set;
-/// a lost race re-reads). Returns the parent's new terminal record, if this call wrote it.
+/// a lost race re-reads). When the parent is (or becomes) `failed`, the siblings still pending
+/// or running are cancelled ([`cancel_sibling`], compare-and-set, then `ctl.cancel.<id>` so a
+/// running attempt stops): their results could no longer change the parent's outcome. This
+/// also runs for a redelivered outcome, so a crash between the parent's write and the cancels
+/// is repaired.
 pub(crate) async fn settle_parent(
+    ctx: &LeaderContext,
     records: &Records,
     shard: &TaskRecord,
-) -> Result<Option<TaskRecord>, String> {
+) -> Result<Settled, String> {
     let (Some(parent), Some(info)) = (&shard.parent, shard.shard) else {
-        return Ok(None);
+        return Ok(Settled::default());
     };
     for _ in 0..CAS_ATTEMPTS {
         let current = records.read(parent).await?;
         let Some(record) = current.record else {
-            return Ok(None);
+            return Ok(Settled::default());
         };
-        if record.state.is_terminal() {
-            return Ok(None);
+        if record.state.is_terminal() && record.state != TaskState::Failed {
+            return Ok(Settled::default());
         }
         let reads = (0..info.total).map(|i| {
             let id = shard_id(parent, i);
             async move { records.read(&id).await.map(|c| c.record) }
         });
         let siblings: Vec<Option<TaskRecord>> = futures::future::try_join_all(reads).await?;
+        if record.state == TaskState::Failed {
+            let cancelled = cancel_siblings(ctx, records, &record, &siblings).await?;
+            return Ok(Settled {
+                parent: None,
+                cancelled,
+            });
+        }
         let Some(next) = aggregate(&record, &siblings, chrono::Utc::now()) else {
-            return Ok(None);
+            return Ok(Settled::default());
         };
         match records.write(parent, current.revision, &next).await {
-            Ok(_) => return Ok(Some(next)),
+            Ok(_) => {
+                let cancelled = if next.state == TaskState::Failed {
+                    cancel_siblings(ctx, records, &next, &siblings).await?
+                } else {
+                    Vec::new()
+                };
+                return Ok(Settled {
+                    parent: Some(next),
+                    cancelled,
+                });
+            }
             Err(WriteError::Conflict) => continue,
             Err(WriteError::Nats(e)) => return Err(e),
         }
     }
     Err(format!("the record of shard parent {parent} kept changing"))
+}
+
+/// Cancels the siblings of failed `parent` that have not ended (`seen` = their records as just
+/// read, which spares the reads when all ended); returns the records written.
+async fn cancel_siblings(
+    ctx: &LeaderContext,
+    records: &Records,
+    parent: &TaskRecord,
+    seen: &[Option<TaskRecord>],
+) -> Result<Vec<TaskRecord>, String> {
+    let total = u32::try_from(seen.len()).unwrap_or(u32::MAX);
+    let open = seen
+        .iter()
+        .enumerate()
+        .filter(|(_, r)| !r.as_ref().is_some_and(|r| r.state.is_terminal()))
+        .map(|(i, _)| u32::try_from(i).unwrap_or(u32::MAX));
+    let cancels = open.map(|index| async move {
+        let id = shard_id(&parent.id, index);
+        for _ in 0..CAS_ATTEMPTS {
+            let current = records.read(&id).await?;
+            let Some(next) = cancel_sibling(
+                parent,
+                index,
+                total,
+                current.record.as_ref(),
+                chrono::Utc::now(),
+            ) else {
+                return Ok(None);
+            };
+            match records.write(&id, current.revision, &next).await {
+                Ok(_) => {
+                    let body = serde_json::json!({ "id": id }).to_string();
+                    if let Err(e) = ctx
+                        .js
+                        .client()
+                        .publish(ctx.names.cancel_subject(&id), body.into())
+                        .await
+                    {
+                        // The record is cancelled: a worker not yet started skips it; one
+                        // running finishes and its outcome is dropped as late.
+                        debug!(task_id = %id, error = %e, "cancel not announced");
+                    }
+                    return Ok(Some(next));
+                }
+                Err(WriteError::Conflict) => continue,
+                Err(WriteError::Nats(e)) => return Err(e),
+            }
+        }
+        Err(format!("the record of shard {id} kept changing"))
+    });
+    let done: Vec<Option<TaskRecord>> = futures::future::try_join_all(cancels).await?;
+    Ok(done.into_iter().flatten().collect())
 }
 
 #[cfg(test)]
@@ -368,6 +490,45 @@ mod tests {
         assert_eq!(failed.state, TaskState::Failed);
         assert!(failed.error.unwrap().message.contains("p-s0"));
         assert!(aggregate(&failed_clone(&parent), &[], now).is_none());
+    }
+
+    #[test]
+    fn a_failed_parent_cancels_the_shards_still_open() {
+        let now = chrono::Utc::now();
+        let mut parent = TaskRecord::new(&parent_task(), TaskState::Failed, now);
+        parent.error = Some(TaskError {
+            kind: ErrorKind::Handler,
+            message: "shard p-s0 ended failed: boom".into(),
+        });
+        let shards = shard_tasks(&parent_task(), 3);
+        let running = TaskRecord::new(&shards[1], TaskState::Running, now);
+        let c = cancel_sibling(&parent, 1, 3, Some(&running), now).unwrap();
+        assert_eq!(c.state, TaskState::Cancelled);
+        assert_eq!(c.id, "p-s1");
+        assert_eq!(c.finished_at, Some(now));
+        let e = c.error.unwrap();
+        assert_eq!(e.kind, ErrorKind::Cancelled);
+        assert!(
+            e.message.contains("p-s0 ended failed: boom"),
+            "{}",
+            e.message
+        );
+        // No record yet: one is made from the parent, naming the shard.
+        let c = cancel_sibling(&parent, 2, 3, None, now).unwrap();
+        assert_eq!(c.id, "p-s2");
+        assert_eq!(c.parent.as_deref(), Some("p"));
+        assert_eq!(c.shard, Some(ShardInfo { index: 2, total: 3 }));
+        assert_eq!(c.state, TaskState::Cancelled);
+        assert!(c.started_at.is_none());
+        // Ended shards are left alone.
+        for state in [
+            TaskState::Succeeded,
+            TaskState::Failed,
+            TaskState::Cancelled,
+        ] {
+            let r = TaskRecord::new(&shards[0], state, now);
+            assert!(cancel_sibling(&parent, 0, 3, Some(&r), now).is_none());
+        }
     }
 
     fn failed_clone(r: &TaskRecord) -> TaskRecord {

@@ -1,12 +1,11 @@
 //! The async shell of outcome handling: pull `DROVER_OUTCOMES`, handle several messages at once
 //! and the outcomes of each concurrently, ack each message after all its writes.
 
-use super::{DELAYED_PARTITION, HDR_ERROR, HDR_REASON, HDR_SUBJECT};
+use super::{HDR_ERROR, HDR_REASON, HDR_SUBJECT};
 use crate::leader::{LeaderContext, LeaderError};
 use crate::records::{CAS_ATTEMPTS, Records, WriteError};
 use async_nats::HeaderMap;
 use async_nats::jetstream::{self, AckKind};
-use drover_shared::envelope::{self, BatchMeta};
 use drover_shared::outcome::{Outcome, OutcomeDecision, OutcomeMessage, OutcomeStatus, decide};
 use drover_shared::task::{Task, TaskRecord};
 use futures::StreamExt;
@@ -186,10 +185,15 @@ impl Handler {
         if record.shard.is_none() || record.parent.is_none() {
             return Ok(());
         }
-        if let Some(parent) = crate::deps::shards::settle_parent(&self.records, record).await? {
+        let settled = crate::deps::shards::settle_parent(&self.ctx, &self.records, record).await?;
+        if let Some(parent) = settled.parent {
             log_record(&parent);
             self.ctx.events.emit(&parent);
             self.ctx.deps.finished(&parent.id, parent.state);
+        }
+        for shard in settled.cancelled {
+            log_record(&shard);
+            self.ctx.events.emit(&shard);
         }
         Ok(())
     }
@@ -208,42 +212,29 @@ impl Handler {
         Ok(())
     }
 
-    /// Puts attempt `next` on a one-shot `DROVER_DELAYED` schedule firing at `fire_at`.
+    /// Puts attempt `next` on a `DROVER_DELAYED` timer due at `fire_at`: the delayed tasks' own
+    /// path ([`crate::delays::timer::publish`]), so a retry also fires early and is held by the
+    /// due consumer to its exact instant instead of leaving on the scheduler's tick.
     async fn schedule(
         &self,
         next: &Task,
         failed_started_ms: i64,
         fire_at: chrono::DateTime<chrono::Utc>,
     ) -> Result<(), String> {
-        let ctx = &self.ctx;
-        let meta = BatchMeta::new(&next.queue, DELAYED_PARTITION, self.epoch);
-        let sealed = envelope::seal(
-            &ctx.keys,
-            &ctx.config.codec,
-            meta,
-            std::slice::from_ref(next),
+        let timer = crate::delays::TimerId::Retry {
+            attempt: next.attempt,
+            failed_started_ms,
+        };
+        crate::delays::timer::publish(
+            &self.ctx,
+            self.epoch,
+            next,
+            timer,
+            fire_at.timestamp_millis(),
         )
-        .map_err(|e| format!("seal the next attempt of {}: {e}", next.id))?;
-        let (env, body) = sealed.into_parts();
-        let mut headers = HeaderMap::new();
-        for (k, v) in env.to_pairs() {
-            if k != "Nats-Msg-Id" {
-                headers.insert(k, v);
-            }
-        }
-        for (k, v) in super::schedule_headers(&ctx.names, next, failed_started_ms, fire_at) {
-            headers.insert(k, v);
-        }
-        ctx.js
-            .publish_with_headers(
-                ctx.names.delayed_subject(&next.queue, &next.id),
-                headers,
-                body.into(),
-            )
-            .await
-            .map_err(|e| format!("schedule retry of {}: {e}", next.id))?
-            .await
-            .map_err(|e| format!("retry timer of {} not stored: {e}", next.id))?;
+        .await?
+        .await
+        .map_err(|e| format!("retry timer of {} not stored: {e}", next.id))?;
         Ok(())
     }
 

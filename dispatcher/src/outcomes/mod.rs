@@ -10,13 +10,16 @@
 //! twice nor copies twice (within the stream's duplicate window), while a new series started by
 //! `drover.api.retry` (attempts counted from 1 again) gets ids of its own.
 //!
-//! **Sealed timers.** A retry's next attempt waits in `DROVER_DELAYED` sealed with the envelope
+//! **Sealed timers.** A retry's next attempt waits in `DROVER_DELAYED` (published by
+//! [`crate::delays::timer::publish`], the delayed tasks' own path) sealed with the envelope
 //! codec (SPEC §3), as a one-task envelope whose `BatchMeta` is `queue = <task queue>`,
 //! `partition = 0` ([`DELAYED_PARTITION`]) and `epoch = <the scheduling leader's epoch>`. The
 //! partition is chosen only when the timer fires (routing may have changed meanwhile), so the
 //! sealed partition is a fixed convention, checked on opening. The schedule message goes to
-//! `<prefix>.delayed.<queue>.<id>` with `Nats-Schedule: @at <RFC 3339>` and
-//! `Nats-Schedule-Target: <prefix>.due.<queue>`; the server (2.12+) then publishes a copy with
+//! `<prefix>.delayed.<queue>.<id>` with `Nats-Schedule: @at <RFC 3339>` ([`crate::delays::HOLD_AHEAD`]
+//! before the due instant, which travels in `Drover-Due`) and
+//! `Nats-Schedule-Target: <prefix>.due.<queue>` (a retry due sooner goes straight to
+//! `<prefix>.due.<queue>`); the server (2.12+) then publishes a copy with
 //! the same body and headers (minus `Nats-Schedule-*`, `Nats-Msg-Id`, `Nats-Expected-*`; plus
 //! `Nats-Scheduler` and `Nats-Schedule-Next: purge`) to the target and removes the schedule.
 //! [`crate::due`] consumes those copies.
@@ -27,10 +30,8 @@ pub use consume::consume;
 pub(crate) use consume::quarantine;
 
 use crate::api::HDR_TASK_ID;
-use chrono::{DateTime, Utc};
-use drover_shared::names::Names;
 use drover_shared::outcome::Outcome;
-use drover_shared::task::{Task, TaskError};
+use drover_shared::task::TaskError;
 
 /// The partition sealed into a delayed task's envelope (see the module docs).
 pub const DELAYED_PARTITION: u32 = 0;
@@ -45,30 +46,6 @@ pub const HDR_ATTEMPT: &str = "Drover-Attempt";
 pub const HDR_REASON: &str = "Drover-Reason";
 /// Header of a quarantine copy: the subject the message arrived on.
 pub const HDR_SUBJECT: &str = "Drover-Subject";
-
-/// Headers of the schedule message that fires `next` at `fire_at` (besides the envelope's own
-/// `Drover-*` headers).
-pub fn schedule_headers(
-    names: &Names,
-    next: &Task,
-    failed_started_ms: i64,
-    fire_at: DateTime<Utc>,
-) -> Vec<(&'static str, String)> {
-    vec![
-        (
-            "Nats-Msg-Id",
-            format!("retry-{}-{}-{failed_started_ms}", next.id, next.attempt),
-        ),
-        (
-            "Nats-Schedule",
-            format!(
-                "@at {}",
-                fire_at.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
-            ),
-        ),
-        ("Nats-Schedule-Target", names.due_subject(&next.queue)),
-    ]
-}
 
 /// One header line: no CR/LF, at most 1 KiB.
 pub fn header_line(text: &str) -> String {
@@ -109,7 +86,7 @@ pub fn dead_letter_headers(outcome: &Outcome) -> Vec<(&'static str, String)> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use drover_shared::task::ErrorKind;
+    use drover_shared::task::{ErrorKind, Task};
     use serde_json::value::RawValue;
 
     fn task() -> Task {
@@ -128,20 +105,6 @@ mod tests {
             submitted_ms: 0,
             meta: Default::default(),
         }
-    }
-
-    #[test]
-    fn schedule_headers_fire_once_into_due() {
-        let at = DateTime::parse_from_rfc3339("2026-01-02T03:04:05.678Z")
-            .unwrap()
-            .with_timezone(&Utc);
-        let h = schedule_headers(&Names::default(), &task(), 42, at);
-        assert_eq!(h[0], ("Nats-Msg-Id", "retry-t1-2-42".to_owned()));
-        assert_eq!(
-            h[1],
-            ("Nats-Schedule", "@at 2026-01-02T03:04:05.678Z".to_owned())
-        );
-        assert_eq!(h[2], ("Nats-Schedule-Target", "drover.due.mail".to_owned()));
     }
 
     #[test]
