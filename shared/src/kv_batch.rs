@@ -89,8 +89,24 @@ async fn get_chunk(
     let collect = async {
         while let Some(m) = sub.next().await {
             match m.status.map(|s| s.as_u16()) {
-                // End of batch; or none of the keys exists.
-                Some(204 | 404) => return Ok(()),
+                // End of batch. A batch the server cut short says how many are left: reading
+                // the rest as absent would be wrong, so it fails (callers read one by one).
+                Some(204) => {
+                    let left = m
+                        .headers
+                        .as_ref()
+                        .and_then(|h| h.get("Nats-Num-Pending"))
+                        .and_then(|v| v.as_str().parse::<u64>().ok())
+                        .unwrap_or(0);
+                    if left > 0 {
+                        return Err(BatchGetError::Refused(format!(
+                            "batch cut short, {left} entries left"
+                        )));
+                    }
+                    return Ok(());
+                }
+                // None of the keys exists.
+                Some(404) => return Ok(()),
                 Some(s) if s != 200 => {
                     return Err(BatchGetError::Refused(format!(
                         "{s} {}",
