@@ -168,6 +168,20 @@ pub async fn lead(
                 _ => break,
             }
         }
+        // Adaptive linger (`dispatcher.linger_ms`): a busy intake (more than one message was
+        // waiting) keeps collecting for up to `linger`, so envelopes fill across pull
+        // batches; an idle one (a lone message) never waits.
+        let linger = ctx.config.batcher.linger;
+        if chunk.len() > 1 && chunk.len() < ctx.config.max_chunk && !linger.is_zero() {
+            let until = tokio::time::Instant::now() + linger;
+            while chunk.len() < ctx.config.max_chunk {
+                match tokio::time::timeout_at(until, messages.next()).await {
+                    Ok(Some(Ok(m))) => chunk.push(m),
+                    Ok(Some(Err(_))) => continue,
+                    _ => break,
+                }
+            }
+        }
         if cancel.is_cancelled() {
             nak_all(chunk).await;
             break;

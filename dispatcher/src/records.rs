@@ -6,11 +6,17 @@
 
 use async_nats::HeaderMap;
 use async_nats::jetstream::{self, context::PublishErrorKind, kv};
+use drover_shared::kv_batch;
 use drover_shared::names::Names;
 use drover_shared::task::TaskRecord;
+use std::collections::HashMap;
 
 /// How many times a writer reads, decides and writes again after losing a compare-and-set.
 pub const CAS_ATTEMPTS: usize = 8;
+
+/// Fewer outcomes than this are read one by one: a batched read costs a subscription and an
+/// end-of-batch message, which only pays from a few keys on.
+pub const BATCHED_READ_MIN: usize = 3;
 
 /// A record as read, with the revision to write over.
 #[derive(Debug, Clone)]
@@ -74,6 +80,47 @@ impl Records {
                 revision: e.revision,
             },
         })
+    }
+
+    /// The current records of the tasks of `outcomes`, in one batched direct get
+    /// ([`drover_shared::kv_batch`]); ids without a record map to revision 0. `None` when the
+    /// batched read failed or there are fewer than [`BATCHED_READ_MIN`] outcomes (callers then
+    /// read one by one).
+    pub async fn read_many(
+        &self,
+        outcomes: &[drover_shared::outcome::Outcome],
+    ) -> Option<HashMap<String, Current>> {
+        if outcomes.len() < BATCHED_READ_MIN {
+            return None;
+        }
+        let ids: Vec<String> = outcomes.iter().map(|o| o.task.id.clone()).collect();
+        let mut found = match kv_batch::get_many(&self.js.client(), &self.bucket, &ids).await {
+            Ok(f) => f,
+            Err(e) => {
+                tracing::debug!(error = %e, "batched record read failed; reading one by one");
+                return None;
+            }
+        };
+        Some(
+            ids.into_iter()
+                .map(|id| {
+                    let current = match found.remove(&id) {
+                        None => Current {
+                            record: None,
+                            revision: 0,
+                        },
+                        Some(e) => Current {
+                            record: e
+                                .is_put
+                                .then(|| serde_json::from_slice(&e.value).ok())
+                                .flatten(),
+                            revision: e.revision,
+                        },
+                    };
+                    (id, current)
+                })
+                .collect(),
+        )
     }
 
     /// Writes `record` as `id` over revision `expected`; returns the new revision.

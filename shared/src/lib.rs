@@ -1,7 +1,7 @@
 //! # drover-shared
 //!
 //! The protocol core every Drover component and client builds on. Everything here except
-//! [`connect`], [`topology`], [`ops`] and [`bench`] is pure: plain functions over bytes and values, no tokio,
+//! [`connect`], [`topology`], [`ops`], [`kv_batch`] and [`bench`] is pure: plain functions over bytes and values, no tokio,
 //! no NATS.
 //!
 //! | module | what it holds | SPEC |
@@ -21,6 +21,7 @@
 //! | [`connect`] | NATS adapter: opening the connection | §10 |
 //! | [`topology`] | NATS adapter: stream/KV/consumer definitions and idempotent provisioning | §2 |
 //! | [`ops`] | I/O adapter: the `/metrics`, `/healthz`, `/readyz` HTTP server, `Health`, the metric registry | §9 |
+//! | [`kv_batch`] | NATS adapter: the current entries of many KV keys in one batched direct get | §1.2, §6 |
 //! | [`bench`] | NATS adapter for load generation: pipelined publishing, the raw JetStream baseline, percentiles, RSS (`drover bench`, `cargo bench`) | — |
 
 #[cfg(feature = "nats")]
@@ -32,6 +33,8 @@ pub mod cron;
 pub mod envelope;
 pub mod error;
 pub mod keyring;
+#[cfg(feature = "nats")]
+pub mod kv_batch;
 pub mod names;
 #[cfg(feature = "nats")]
 pub mod ops;

@@ -18,6 +18,7 @@ use crate::state::Shared;
 use async_nats::HeaderMap;
 use async_nats::jetstream::{self, AckKind};
 use drover_shared::envelope::{self, now_ms};
+use drover_shared::kv_batch;
 use drover_shared::outcome::{MAX_OUTCOME_MESSAGE_BYTES, Outcome, OutcomeMessage};
 use drover_shared::task::{ErrorKind, Task, TaskError, TaskRecord, TaskState};
 use futures::StreamExt;
@@ -32,11 +33,26 @@ use tracing::{debug, info, warn};
 /// How long a handler may take to return after its cancellation token fired.
 const CANCEL_GRACE: Duration = Duration::from_secs(2);
 
-/// Records read at once per batch.
+/// Records read at once per batch (when the batched read is not available).
 const RECORD_READS_IN_FLIGHT: usize = 64;
 
 /// How long an outcome publish is retried before the batch is given up (and NAKed).
 const PUBLISH_PATIENCE: Duration = Duration::from_secs(30);
+
+/// Batches of fewer tasks read their records one by one: a batched read costs a subscription
+/// and an end-of-batch message, which only pays from a few keys on (and a lone task at light
+/// load must not wait for it).
+const BATCHED_READ_MIN: usize = 3;
+
+/// Tasks in hand (received, not finished) up to which `running` is written the moment an
+/// attempt starts: at light load every state shows (SPEC §1.2).
+const LIGHT_LOAD: usize = 8;
+
+/// Above [`LIGHT_LOAD`], `running` is written only for attempts still running this long after
+/// their start: short tasks go straight from `queued` to their terminal record (SPEC §1.2 lets
+/// intermediate states be coalesced under load), which saves a KV write per task and the
+/// leader's compare-and-set conflict with it.
+const RUNNING_DEFER: Duration = Duration::from_millis(20);
 
 /// Header of a quarantine copy: the stable reason label.
 pub const HDR_REASON: &str = "Drover-Reason";
@@ -218,13 +234,36 @@ enum Reads {
     Leader,
 }
 
-/// Reads every task's record (pipelined), with its revision. `Err` when a read failed: the
-/// record may exist, so the batch must not run on a guess.
+/// Reads every task's record with its revision. `Err` when a read failed: the record may
+/// exist, so the batch must not run on a guess. Direct reads of three tasks or more go as one
+/// batched direct get ([`drover_shared::kv_batch`]), falling back to one pipelined read per
+/// task when the server refuses it; leader reads go one per task.
 async fn read_records(
     shared: &Shared,
     tasks: &[Task],
     reads: Reads,
 ) -> Result<Vec<Option<(TaskRecord, u64)>>, String> {
+    if reads == Reads::Direct && tasks.len() >= BATCHED_READ_MIN {
+        let ids: Vec<String> = tasks.iter().map(|t| t.id.clone()).collect();
+        let bucket = shared.names.bucket("tasks");
+        match kv_batch::get_many(&shared.client, &bucket, &ids).await {
+            Ok(mut found) => {
+                return Ok(ids
+                    .iter()
+                    .map(|id| {
+                        let e = found.remove(id)?;
+                        if !e.is_put {
+                            return None;
+                        }
+                        serde_json::from_slice::<TaskRecord>(&e.value)
+                            .ok()
+                            .map(|r| (r, e.revision))
+                    })
+                    .collect());
+            }
+            Err(e) => debug!(error = %e, "batched record read failed; reading one by one"),
+        }
+    }
     let reads: Vec<_> = tasks
         .iter()
         .map(|t| read_record(&shared.tasks_kv, t.id.clone(), reads))
@@ -453,6 +492,11 @@ async fn run_batch(
     }
     drop(tx);
     let expected = run.len();
+    shared.in_hand.fetch_add(expected, Ordering::Relaxed);
+    let _in_hand = InHand {
+        shared: shared.clone(),
+        n: expected,
+    };
     let (_, reported) = tokio::join!(futures::future::join_all(runners), publisher.pump(rx));
     for (i, c) in cancels.iter().enumerate() {
         if c.is_some() {
@@ -472,6 +516,18 @@ async fn run_batch(
             BatchEnd::Acked
         }
         _ => finish_incomplete(shared, msg, &period).await,
+    }
+}
+
+/// Counts a batch's tasks out of [`Shared::in_hand`] when the batch ends.
+struct InHand {
+    shared: Arc<Shared>,
+    n: usize,
+}
+
+impl Drop for InHand {
+    fn drop(&mut self) {
+        self.shared.in_hand.fetch_sub(self.n, Ordering::Relaxed);
     }
 }
 
@@ -574,10 +630,20 @@ async fn run_one(
         count_outcome(shared, &o);
         return Some(o);
     };
+    let attempt_done = CancellationToken::new();
+    let _attempt_done = attempt_done.clone().drop_guard();
     if shared.cfg.track_running
         && let Some((record, revision)) = record
     {
-        write_running(shared, &task, partition, record, revision, started);
+        let defer = (shared.in_hand.load(Ordering::Relaxed) > LIGHT_LOAD).then_some(RUNNING_DEFER);
+        write_running(
+            shared,
+            &task,
+            partition,
+            (record, revision),
+            started,
+            defer.map(|d| (d, attempt_done)),
+        );
     }
     shared.running.fetch_add(1, Ordering::Relaxed);
     shared.metrics.running.inc();
@@ -638,14 +704,15 @@ async fn run_one(
 }
 
 /// Writes `running` by compare-and-set on the revision read at receipt, in the background;
-/// a conflict (the leader or a cancel wrote meanwhile) skips it.
+/// a conflict (the leader or a cancel wrote meanwhile) skips it. With `defer = (d, done)` the
+/// write waits `d` first and is dropped if the attempt finished (`done` fired) by then.
 fn write_running(
     shared: &Arc<Shared>,
     task: &Task,
     partition: u32,
-    mut record: TaskRecord,
-    revision: u64,
+    (mut record, revision): (TaskRecord, u64),
     started: i64,
+    defer: Option<(Duration, CancellationToken)>,
 ) {
     if record.state.is_terminal() {
         return;
@@ -656,12 +723,22 @@ fn write_running(
     record.partition = Some(partition);
     record.started_at = chrono::DateTime::from_timestamp_millis(started);
     record.next_run_at = None;
-    let Ok(body) = serde_json::to_vec(&record) else {
-        return;
-    };
     let kv = shared.tasks_kv.clone();
     let id = task.id.clone();
+    let metrics = shared.metrics.clone();
     tokio::spawn(async move {
+        if let Some((wait, done)) = defer {
+            tokio::select! {
+                () = done.cancelled() => {
+                    metrics.running_coalesced.inc();
+                    return;
+                }
+                () = tokio::time::sleep(wait) => {}
+            }
+        }
+        let Ok(body) = serde_json::to_vec(&record) else {
+            return;
+        };
         if let Err(e) = kv.update(&id, body.into(), revision).await {
             debug!(task_id = %id, error = %e, "running record skipped");
         }

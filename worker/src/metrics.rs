@@ -16,6 +16,12 @@ pub const TASKS_SKIPPED: MetricDef = MetricDef::new(
     "drover_worker_tasks_skipped",
     "Tasks not run because their record or outcome already holds the attempt (or they are terminal)",
 );
+/// `running` records not written because the attempt finished within the coalescing delay
+/// (the worker was loaded).
+pub const RUNNING_COALESCED: MetricDef = MetricDef::new(
+    "drover_worker_running_coalesced",
+    "Running records skipped under load because the attempt finished first",
+);
 /// Batches received, by how they ended (`acked`, `nacked`, `abandoned`, `lost`, `quarantined`).
 pub const BATCHES: MetricDef = MetricDef::new(
     "drover_worker_batches",
@@ -80,6 +86,8 @@ pub struct WorkerMetrics {
     pub task_duration: Histogram,
     /// [`TASKS_SKIPPED`].
     pub tasks_skipped: Counter,
+    /// [`RUNNING_COALESCED`].
+    pub running_coalesced: Counter,
     /// [`BATCHES`].
     pub batches: Family<ReasonLabel, Counter>,
     /// [`QUARANTINED`].
@@ -109,6 +117,7 @@ impl WorkerMetrics {
             tasks: m.family(&TASKS),
             task_duration: m.latency_histogram(&TASK_DURATION),
             tasks_skipped: m.counter(&TASKS_SKIPPED),
+            running_coalesced: m.counter(&RUNNING_COALESCED),
             batches: m.family(&BATCHES),
             quarantined: m.family(&QUARANTINED),
             unknown_kid: m.counter(&UNKNOWN_KID),

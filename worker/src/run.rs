@@ -296,6 +296,7 @@ impl Worker {
             cancels: Default::default(),
             inflight: Default::default(),
             next_batch: AtomicU64::new(0),
+            in_hand: AtomicUsize::new(0),
             running: AtomicUsize::new(0),
         });
 

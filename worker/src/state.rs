@@ -201,6 +201,9 @@ pub struct Shared {
     pub next_batch: AtomicU64,
     /// Attempts running now.
     pub running: AtomicUsize,
+    /// Tasks received to run and not finished yet (waiting for a slot or running): the load
+    /// that decides whether `running` records are written at once or coalesced away.
+    pub in_hand: AtomicUsize,
 }
 
 impl Shared {

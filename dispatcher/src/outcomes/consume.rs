@@ -3,7 +3,7 @@
 
 use super::{HDR_ERROR, HDR_REASON, HDR_SUBJECT};
 use crate::leader::{LeaderContext, LeaderError};
-use crate::records::{CAS_ATTEMPTS, Records, WriteError};
+use crate::records::{CAS_ATTEMPTS, Current, Records, WriteError};
 use async_nats::HeaderMap;
 use async_nats::jetstream::{self, AckKind};
 use drover_shared::outcome::{Outcome, OutcomeDecision, OutcomeMessage, OutcomeStatus, decide};
@@ -90,9 +90,13 @@ impl Handler {
                 return;
             }
         };
+        let mut first_reads = self.records.read_many(&decoded.outcomes).await;
         let results: Vec<Result<(), String>> =
-            futures::future::join_all(decoded.outcomes.iter().map(|o| self.bounded(&decoded, o)))
-                .await;
+            futures::future::join_all(decoded.outcomes.iter().map(|o| {
+                let first = first_reads.as_mut().and_then(|m| m.remove(&o.task.id));
+                self.bounded(&decoded, o, first)
+            }))
+            .await;
         let failed: Vec<&String> = results.iter().filter_map(|r| r.as_ref().err()).collect();
         let kind = if failed.is_empty() {
             AckKind::Ack
@@ -106,21 +110,36 @@ impl Handler {
     }
 
     /// [`Handler::outcome`] once a slot is free.
-    async fn bounded(&self, msg: &OutcomeMessage, outcome: &Outcome) -> Result<(), String> {
+    async fn bounded(
+        &self,
+        msg: &OutcomeMessage,
+        outcome: &Outcome,
+        first: Option<Current>,
+    ) -> Result<(), String> {
         let _slot = self
             .slots
             .acquire()
             .await
             .map_err(|_| "shutting down".to_owned())?;
-        self.outcome(msg, outcome).await
+        self.outcome(msg, outcome, first).await
     }
 
     /// Carries out one outcome: decide against the current record, timer/DLQ, record.
-    async fn outcome(&self, msg: &OutcomeMessage, outcome: &Outcome) -> Result<(), String> {
+    /// `first` is the record as read for the whole message (the first decision uses it; a
+    /// compare-and-set conflict reads again).
+    async fn outcome(
+        &self,
+        msg: &OutcomeMessage,
+        outcome: &Outcome,
+        mut first: Option<Current>,
+    ) -> Result<(), String> {
         let m = &self.ctx.metrics;
         let id = &outcome.task.id;
         for _ in 0..CAS_ATTEMPTS {
-            let current = self.records.read(id).await?;
+            let current = match first.take() {
+                Some(c) => c,
+                None => self.records.read(id).await?,
+            };
             let now_ms = chrono::Utc::now().timestamp_millis();
             let sample = rand::random::<f64>() * 2.0 - 1.0;
             let decision = decide(
