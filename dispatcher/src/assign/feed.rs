@@ -114,6 +114,9 @@ impl WatchFeed {
         let value = (entry.operation == kv::Operation::Put).then_some(entry.value);
         let mut events = vec![match self.feed {
             Feed::Workers => Event::Worker {
+                // How old the record is (server time of the put): a watch that starts delivers
+                // a dead worker's last record too, and it must not look fresh.
+                age: age_of(entry.created),
                 id: entry.key,
                 value,
             },
@@ -146,4 +149,11 @@ impl WatchFeed {
         self.backoff = (self.backoff * 2).min(MAX_REOPEN_BACKOFF);
         vec![Event::Reset(self.feed)]
     }
+}
+
+/// How long ago `created` was, by this host's clock (zero if it is in the future).
+fn age_of(created: time::OffsetDateTime) -> std::time::Duration {
+    (time::OffsetDateTime::now_utc() - created)
+        .try_into()
+        .unwrap_or_default()
 }

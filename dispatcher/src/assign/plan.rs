@@ -13,6 +13,13 @@ use drover_shared::ring::{self, Member};
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
+/// Rechecks (worker TTLs) without a heartbeat after which a worker counts as gone even though
+/// its key's expiry marker never came. The server does not place the marker when a key expires
+/// while its stream has no leader (a NATS node just died): without this, a dead worker kept
+/// its partitions for good (seen in the chaos suite). A live worker heartbeats several times
+/// per TTL, so two TTLs of silence only happen to dead or cut-off workers.
+pub const SILENT_RECHECKS: u32 = 2;
+
 /// Timing and defaults of the planner.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PlannerConfig {
@@ -49,6 +56,8 @@ pub enum Event {
         id: String,
         /// The record, or `None` when the key is gone.
         value: Option<Bytes>,
+        /// How long before it was observed the record was written.
+        age: Duration,
     },
     /// An entry of `drover-state` (any key; the planner picks its own).
     State {
@@ -105,6 +114,8 @@ pub struct Planner {
     epoch: u64,
     /// Live workers with a valid record.
     workers: BTreeMap<String, WorkerEntry>,
+    /// When each worker's last record (put) was seen.
+    seen: BTreeMap<String, Instant>,
     /// Workers whose last record was skipped, with the reason already reported.
     malformed: BTreeMap<String, String>,
     /// Partition counts from `queue.<queue>` records.
@@ -126,6 +137,7 @@ impl Planner {
             cfg,
             epoch,
             workers: BTreeMap::new(),
+            seen: BTreeMap::new(),
             malformed: BTreeMap::new(),
             queue_partitions: BTreeMap::new(),
             assigned: BTreeSet::new(),
@@ -191,7 +203,10 @@ impl Planner {
         }
         match event {
             Event::Tick => self.tick(now, &mut actions),
-            Event::Worker { id, value } => self.worker(id, value, now, &mut actions),
+            Event::Worker { id, value, age } => {
+                let written = now.checked_sub(age).unwrap_or(now);
+                self.worker(id, value, written.min(now), now, &mut actions)
+            }
             Event::State { key, value } => self.state(&key, value, now, &mut actions),
             Event::Synced(feed) => {
                 match feed {
@@ -209,6 +224,7 @@ impl Planner {
                 Feed::Workers => {
                     self.workers_synced = false;
                     self.workers.clear();
+                    self.seen.clear();
                     self.malformed.clear();
                 }
                 Feed::State => {
@@ -233,9 +249,31 @@ impl Planner {
         self.due_at = Some(self.due_at.map_or(due, |t| t.min(due)));
     }
 
+    /// How long a worker may go without a record seen before it counts as gone although no
+    /// expiry marker came: [`SILENT_RECHECKS`] rechecks (worker TTLs).
+    pub fn silence(&self) -> Duration {
+        self.cfg.recheck * SILENT_RECHECKS
+    }
+
     fn tick(&mut self, now: Instant, actions: &mut Vec<Action>) {
         if !self.is_synced() {
             return;
+        }
+        let silence = self.silence();
+        let silent: Vec<String> = self
+            .seen
+            .iter()
+            .filter(|(_, t)| now.saturating_duration_since(**t) >= silence)
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in silent {
+            actions.push(Action::Warn {
+                key: id.clone(),
+                reason: format!(
+                    "no heartbeat seen for {silence:?} and no expiry marker: treated as gone"
+                ),
+            });
+            self.worker(id, None, now, now, actions);
         }
         if self.next_recheck.is_some_and(|t| now >= t) {
             self.dirty.extend(self.queues());
@@ -257,6 +295,7 @@ impl Planner {
         &mut self,
         id: String,
         value: Option<Bytes>,
+        written: Instant,
         now: Instant,
         actions: &mut Vec<Action>,
     ) {
@@ -297,6 +336,11 @@ impl Planner {
                 None
             }
         };
+        if new.is_some() {
+            self.seen.insert(id.clone(), written);
+        } else {
+            self.seen.remove(&id);
+        }
         let old = match &new {
             Some(entry) => self.workers.insert(id, entry.clone()),
             None => self.workers.remove(&id),
@@ -393,6 +437,7 @@ mod tests {
         Event::Worker {
             id: id.into(),
             value: heartbeat(queues, capacity),
+            age: Duration::ZERO,
         }
     }
 
@@ -400,6 +445,7 @@ mod tests {
         Event::Worker {
             id: id.into(),
             value: None,
+            age: Duration::ZERO,
         }
     }
 
@@ -458,6 +504,64 @@ mod tests {
             ]
         );
         assert_eq!(p.next_deadline(), Some(t0 + ms(3000)), "only the recheck");
+    }
+
+    #[test]
+    fn a_worker_silent_for_two_ttls_is_gone_even_without_an_expiry_marker() {
+        let t0 = Instant::now();
+        let mut p = synced(t0);
+        p.on_event(worker("w1", &["default"], 1), t0);
+        p.on_event(worker("w2", &["default"], 1), t0);
+        p.on_event(Event::Tick, t0 + ms(30));
+        // w2 keeps heartbeating; w1 died and its key expired without a marker.
+        let mut t = t0;
+        while t + ms(500) < t0 + ms(6000) {
+            t += ms(500);
+            p.on_event(worker("w2", &["default"], 1), t);
+            let acts = p.on_event(Event::Tick, t);
+            assert!(
+                !acts.iter().any(|a| matches!(a, Action::Warn { .. })),
+                "nobody is silent yet at {:?}",
+                t - t0
+            );
+        }
+        let at = t0 + ms(6000);
+        let mut acts = p.on_event(Event::Tick, at);
+        assert!(
+            acts.iter()
+                .any(|a| matches!(a, Action::Warn { key, .. } if key == "w1")),
+            "{acts:?}"
+        );
+        acts.extend(p.on_event(Event::Tick, at + ms(30)));
+        assert_eq!(
+            reconciled(&acts),
+            vec![("default".into(), 16, vec![("w2".into(), 1)])]
+        );
+    }
+
+    #[test]
+    fn an_old_record_delivered_by_a_new_watch_counts_from_when_it_was_written() {
+        let t0 = Instant::now() + ms(60_000);
+        let mut p = Planner::new(cfg(), EPOCH);
+        // A dead worker's record, written 5.9 s before this term's watch started.
+        p.on_event(
+            Event::Worker {
+                id: "dead".into(),
+                value: heartbeat(&["default"], 1),
+                age: ms(5900),
+            },
+            t0,
+        );
+        p.on_event(Event::Synced(Feed::Workers), t0);
+        p.on_event(Event::Synced(Feed::State), t0);
+        let mut acts = p.on_event(Event::Tick, t0 + ms(100));
+        acts.extend(p.on_event(Event::Tick, t0 + ms(130)));
+        assert!(
+            acts.iter()
+                .any(|a| matches!(a, Action::Warn { key, .. } if key == "dead")),
+            "{acts:?}"
+        );
+        assert_eq!(reconciled(&acts).last().map(|r| r.2.len()), Some(0));
     }
 
     #[test]
@@ -524,6 +628,7 @@ mod tests {
         let bad = || Event::Worker {
             id: "w1".into(),
             value: Some(Bytes::from_static(b"{oops")),
+            age: Duration::ZERO,
         };
         let acts = p.on_event(bad(), t0 + ms(100));
         assert!(matches!(&acts[..], [Action::Warn { key, .. }] if key == "w1"));
