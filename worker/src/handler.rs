@@ -210,7 +210,9 @@ impl TaskContext {
         self.cancel.is_cancelled()
     }
 
-    /// Reports progress in `[0, 1]` (best effort: a metric and a debug log line; not stored).
+    /// Reports progress in `[0, 1]`: counted in a metric and written best-effort into the task's
+    /// record as `meta.progress` (`"0.420"`), at most every 500 ms and always when it reaches 1
+    /// ([`crate::progress`]).
     pub fn progress(&self, fraction: f64) {
         (self.progress)(&self.task.id, fraction.clamp(0.0, 1.0));
     }
