@@ -12,6 +12,7 @@ use crate::delays::{self, Claim, HDR_UNIQUE_CLAIM};
 use crate::events::EventSink;
 use crate::handover;
 use crate::intake::{self, IntakeLimits, Rejection, Router, Strategy};
+use crate::load::Loads;
 use crate::metrics::DispatcherMetrics;
 use async_nats::HeaderMap;
 use async_nats::jetstream::{self, AckKind, consumer::PullConsumer, context::PublishAckFuture};
@@ -48,8 +49,10 @@ pub struct LeaderConfig {
     pub default_partitions: u32,
     /// Partitions of predeclared queues (`[queues.<name>]`).
     pub queue_partitions: HashMap<String, u32>,
-    /// Keyless routing.
+    /// Keyless routing of queues not in `queue_strategies`.
     pub strategy: Strategy,
+    /// Keyless routing of predeclared queues (`[queues.<name>] strategy`).
+    pub queue_strategies: HashMap<String, Strategy>,
     /// Per-attempt timeout for tasks that name none.
     pub default_timeout_ms: u64,
     /// Most intake messages handled as one chunk.
@@ -223,6 +226,8 @@ pub(crate) struct Pipeline {
     queues: HashMap<String, QueueInfo>,
     records: Option<jetstream::stream::Stream>,
     unique: Option<UniqueStore>,
+    /// Partition loads of `least_loaded` queues.
+    loads: HashMap<String, Loads>,
 }
 
 /// A task whose first attempt waits for its time.
@@ -289,6 +294,7 @@ impl Pipeline {
             queues: HashMap::new(),
             records: None,
             unique: None,
+            loads: HashMap::new(),
         }
     }
 
@@ -413,12 +419,9 @@ impl Pipeline {
                     continue;
                 }
             };
-            let turn = self.router.keyless(
-                &a.queue,
-                partitions,
-                self.ctx.config.strategy,
-                rand::random(),
-            );
+            let turn = self
+                .keyless(&a.queue, partitions, a.tasks.len() as u64)
+                .await;
             for (task, plan) in a.tasks.into_iter().zip(a.plans) {
                 if let Some(due_ms) = plan.due_ms {
                     delayed.push(Delayed {
@@ -539,13 +542,57 @@ impl Pipeline {
     /// preparing its queue on first sight.
     pub(crate) async fn route(&mut self, task: &Task) -> Result<u32, LeaderError> {
         let partitions = self.queue(&task.queue).await?;
-        let turn = self.router.keyless(
-            &task.queue,
-            partitions,
-            self.ctx.config.strategy,
-            rand::random(),
-        );
+        let turn = self.keyless(&task.queue, partitions, 1).await;
         Ok(Router::partition(task.key.as_deref(), partitions, turn))
+    }
+
+    /// The partition of the keyless tasks (`tasks` of them) of the next submission message of
+    /// `queue`, by the queue's strategy.
+    async fn keyless(&mut self, queue: &str, partitions: u32, tasks: u64) -> u32 {
+        let strategy = self
+            .ctx
+            .config
+            .queue_strategies
+            .get(queue)
+            .copied()
+            .unwrap_or(self.ctx.config.strategy);
+        let turn = self
+            .router
+            .keyless(queue, partitions, strategy, rand::random());
+        if strategy != Strategy::LeastLoaded {
+            return turn;
+        }
+        let now = std::time::Instant::now();
+        let stale = self.loads.get(queue).is_none_or(|l| l.needs_refresh(now));
+        if stale {
+            let pending = self.read_loads(queue, partitions).await;
+            self.loads
+                .entry(queue.to_owned())
+                .or_insert_with(|| Loads::new(partitions))
+                .observe(&pending, now);
+        }
+        self.loads
+            .entry(queue.to_owned())
+            .or_insert_with(|| Loads::new(partitions))
+            .pick(turn, tasks)
+    }
+
+    /// Pending messages (undelivered + unacked) of each partition consumer of `queue`, read
+    /// concurrently; `None` where the read failed.
+    async fn read_loads(&self, queue: &str, partitions: u32) -> Vec<Option<u64>> {
+        let Ok(stream) = self.ctx.js.get_stream(self.ctx.names.work_stream()).await else {
+            return vec![None; partitions as usize];
+        };
+        let names = &self.ctx.names;
+        futures::future::join_all((0..partitions).map(|p| {
+            let stream = stream.clone();
+            let name = names.work_consumer(queue, p);
+            async move {
+                let info = stream.consumer_info(name).await.ok()?;
+                Some(info.num_pending + info.num_ack_pending as u64)
+            }
+        }))
+        .await
     }
 
     /// Partitions of `queue`, creating its state record and consumers on first sight.

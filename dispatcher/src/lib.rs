@@ -21,6 +21,7 @@
 //! | [`due`] | whether a fired retry timer's task runs again |
 //! | [`schedule`] | when cron schedules fire (misfire, overlap, DST) and which task each trigger message makes; the schedule API |
 //! | [`provisioning`] | how long a replica waits before provisioning again after a transient failure |
+//! | [`load`] | which partition a keyless task of a `least_loaded` queue goes to |
 //! | [`events`] | which lifecycle events are published, grouped per queue and state |
 
 pub mod api;
@@ -34,6 +35,7 @@ pub mod events;
 pub mod handover;
 pub mod intake;
 pub mod leader;
+pub mod load;
 pub mod metrics;
 pub mod outcomes;
 pub mod provisioning;

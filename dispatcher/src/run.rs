@@ -65,17 +65,10 @@ impl Replica {
         };
         let d = &settings.dispatcher;
         let defaults = QueueSettings::default();
-        if settings
-            .queues
-            .values()
-            .any(|q| q.strategy == settings::Strategy::LeastLoaded)
-            || defaults.strategy == settings::Strategy::LeastLoaded
-        {
-            warn!("strategy least_loaded is not implemented yet; using round_robin");
-        }
         let strategy = |s: settings::Strategy| match s {
             settings::Strategy::Random => Strategy::Random,
-            _ => Strategy::RoundRobin,
+            settings::Strategy::LeastLoaded => Strategy::LeastLoaded,
+            settings::Strategy::RoundRobin => Strategy::RoundRobin,
         };
         Ok(Self {
             connect,
@@ -102,6 +95,11 @@ impl Replica {
                     .map(|(name, q)| (name.clone(), q.partitions))
                     .collect(),
                 strategy: strategy(defaults.strategy),
+                queue_strategies: settings
+                    .queues
+                    .iter()
+                    .map(|(name, q)| (name.clone(), strategy(q.strategy)))
+                    .collect(),
                 default_timeout_ms: defaults.timeout_ms,
                 max_chunk: d.intake_fetch,
                 track_queued: d.tracking == settings::Tracking::Full,
