@@ -637,7 +637,7 @@ impl Pipeline {
                 self.ctx.names.clone(),
                 queue.to_owned(),
             );
-            let qcfg = self.ctx.config.queue_consumers.clone();
+            let qcfg = self.ctx.config.queue_consumers;
             async move {
                 topology::provision_queue(&js, &names, &queue, partitions, &qcfg)
                     .await
