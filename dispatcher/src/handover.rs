@@ -183,8 +183,10 @@ pub async fn record(
     Ok(())
 }
 
-/// The leader's intake pull: one pull request at a time on a subscription of its own, so that
-/// leadership can end without a request still open (see [`IntakePull::release`]).
+/// The leader's intake pull on a subscription of its own, so that leadership can end without a
+/// request still open (see [`IntakePull::release`]). Like async-nats' pull stream it asks for
+/// the next batch when half of the outstanding one has arrived, so messages keep flowing while
+/// a chunk is being dispatched.
 pub struct IntakePull {
     consumer: PullConsumer,
     js: jetstream::Context,
@@ -192,8 +194,8 @@ pub struct IntakePull {
     inbox: String,
     batch: usize,
     expires: Duration,
-    /// Messages the open request may still bring; `None` when no request is open.
-    credit: Option<usize>,
+    /// Messages the open requests may still bring.
+    credit: usize,
 }
 
 impl IntakePull {
@@ -217,11 +219,15 @@ impl IntakePull {
             inbox,
             batch: batch.max(1),
             expires,
-            credit: None,
+            credit: 0,
         })
     }
 
-    async fn request(&mut self) -> Result<(), LeaderError> {
+    /// Asks for another batch when less than half of one is outstanding.
+    async fn top_up(&mut self) -> Result<(), LeaderError> {
+        if self.credit > self.batch / 2 {
+            return Ok(());
+        }
         let cfg = jetstream::consumer::pull::BatchConfig {
             batch: self.batch,
             expires: Some(self.expires),
@@ -231,7 +237,7 @@ impl IntakePull {
             .request_batch(cfg, self.inbox.clone().into())
             .await
             .map_err(|e| nats_err("pull intake")(&e))?;
-        self.credit = Some(self.batch);
+        self.credit += self.batch;
         Ok(())
     }
 
@@ -240,18 +246,24 @@ impl IntakePull {
         match m.status {
             Some(StatusCode::IDLE_HEARTBEAT) => None,
             Some(code) if code != StatusCode::OK => {
-                // 408 expired, 409 terminated, 404 nothing: the request is over.
+                // 408 expired, 409 terminated, 404 nothing: a request is over; the server says
+                // how much of it was left.
                 if code != StatusCode::TIMEOUT {
                     debug!(code = %code, description = ?m.description, "intake pull ended");
                 }
-                self.credit = None;
+                let left = m
+                    .headers
+                    .as_ref()
+                    .and_then(|h| h.get("Nats-Pending-Messages"))
+                    .and_then(|v| v.as_str().parse::<usize>().ok());
+                self.credit = match left {
+                    Some(n) => self.credit.saturating_sub(n),
+                    None => 0,
+                };
                 None
             }
             _ => {
-                self.credit = match self.credit {
-                    Some(n) if n > 1 => Some(n - 1),
-                    _ => None,
-                };
+                self.credit = self.credit.saturating_sub(1);
                 Some(jetstream::Message {
                     message: m,
                     context: self.js.clone(),
@@ -260,13 +272,11 @@ impl IntakePull {
         }
     }
 
-    /// The next delivery; requests more when no request is open. `None` when the connection's
-    /// subscription ended.
+    /// The next delivery; requests more as needed. `None` when the connection's subscription
+    /// ended.
     pub async fn next(&mut self) -> Option<Result<jetstream::Message, LeaderError>> {
         loop {
-            if self.credit.is_none()
-                && let Err(e) = self.request().await
-            {
+            if let Err(e) = self.top_up().await {
                 return Some(Err(e));
             }
             let m = self.sub.next().await?;
