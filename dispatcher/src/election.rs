@@ -154,6 +154,14 @@ impl Election {
         }
     }
 
+    /// Until when this replica may act as leader, if it holds the lease (valid or not).
+    pub fn valid_until(&self) -> Option<Instant> {
+        match self.state {
+            State::Leader { valid_until, .. } => Some(valid_until),
+            _ => None,
+        }
+    }
+
     /// When the loop should next send a [`Event::Tick`].
     pub fn next_deadline(&self) -> Option<Instant> {
         match self.state {

@@ -138,6 +138,9 @@ pub enum Strategy {
     RoundRobin,
     /// Uniformly random partition; the caller supplies the random number.
     Random,
+    /// The partition with the fewest pending messages ([`crate::load`]); the round-robin turn
+    /// computed here breaks ties.
+    LeastLoaded,
 }
 
 /// Partition choice per queue: keyed tasks by FNV-1a of the key, keyless ones by the strategy.
@@ -168,7 +171,7 @@ impl Router {
         let partitions = partitions.max(1);
         match strategy {
             Strategy::Random => random % partitions,
-            Strategy::RoundRobin => {
+            Strategy::RoundRobin | Strategy::LeastLoaded => {
                 let n = self.next.entry(queue.to_owned()).or_insert(0);
                 let p = *n % partitions;
                 *n = n.wrapping_add(1);

@@ -10,7 +10,9 @@ use crate::batcher::{Batch, Batcher, BatcherConfig, Route};
 use crate::delays::unique::{ClaimResult, UniqueStore};
 use crate::delays::{self, Claim, HDR_UNIQUE_CLAIM};
 use crate::events::EventSink;
+use crate::handover;
 use crate::intake::{self, IntakeLimits, Rejection, Router, Strategy};
+use crate::load::Loads;
 use crate::metrics::DispatcherMetrics;
 use async_nats::HeaderMap;
 use async_nats::jetstream::{self, AckKind, consumer::PullConsumer, context::PublishAckFuture};
@@ -20,7 +22,6 @@ use drover_shared::names::Names;
 use drover_shared::settings::Events;
 use drover_shared::task::{Task, TaskRecord, TaskState};
 use drover_shared::topology::{self, QueueConsumerConfig};
-use futures::StreamExt;
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
@@ -30,6 +31,9 @@ use tracing::{debug, info, warn};
 /// Header on a task record written at intake: the intake stream sequence it came from, so a
 /// redelivered intake message can tell its own earlier write from a true duplicate.
 pub const HDR_INTAKE_SEQ: &str = "Drover-Intake-Seq";
+
+/// How long one intake pull request waits for messages at most.
+const INTAKE_PULL_EXPIRES: Duration = Duration::from_secs(1);
 
 /// Task records written before their acks are awaited.
 const RECORD_WINDOW: usize = 4096;
@@ -45,8 +49,10 @@ pub struct LeaderConfig {
     pub default_partitions: u32,
     /// Partitions of predeclared queues (`[queues.<name>]`).
     pub queue_partitions: HashMap<String, u32>,
-    /// Keyless routing.
+    /// Keyless routing of queues not in `queue_strategies`.
     pub strategy: Strategy,
+    /// Keyless routing of predeclared queues (`[queues.<name>] strategy`).
+    pub queue_strategies: HashMap<String, Strategy>,
     /// Per-attempt timeout for tasks that name none.
     pub default_timeout_ms: u64,
     /// Most intake messages handled as one chunk.
@@ -119,36 +125,39 @@ struct Held {
 }
 
 /// Leads in `epoch` until `cancel` fires: dispatch every intake message exactly once into
-/// `DROVER_WORK`, in order per partition.
+/// `DROVER_WORK`, in order per partition. Returns `true` when leadership ended with every intake
+/// delivery of this term acked or NAKed (confirmed) and no pull request left open, so a graceful
+/// hand-over may be recorded ([`crate::handover`]).
 pub async fn lead(
     ctx: LeaderContext,
     epoch: u64,
     cancel: CancellationToken,
-) -> Result<(), LeaderError> {
+) -> Result<bool, LeaderError> {
     let names = &ctx.names;
     let consumer = leader_consumer(&ctx, &names.submit_stream(), &names.intake_consumer()).await?;
+    let election = ctx.js.get_key_value(names.bucket("election")).await.ok();
 
-    wait_for_predecessor(&consumer, &cancel).await?;
+    handover::wait_for_predecessor(&consumer, election.as_ref(), epoch, &cancel).await?;
     if cancel.is_cancelled() {
-        return Ok(());
+        return Ok(true);
     }
     info!(epoch, "leading: dispatching intake");
 
-    let mut messages = consumer
-        .stream()
-        .max_messages_per_batch(ctx.config.max_chunk.max(1))
-        .expires(Duration::from_secs(1))
-        .heartbeat(Duration::from_millis(500))
-        .messages()
-        .await
-        .map_err(|e| nats_err("pull intake")(&e))?;
+    let mut intake = handover::IntakePull::open(
+        &ctx.js,
+        consumer,
+        ctx.config.max_chunk.max(1),
+        INTAKE_PULL_EXPIRES,
+    )
+    .await?;
 
     let mut state = Pipeline::new(ctx.clone(), epoch);
+    let mut in_hand = Vec::new();
     loop {
         let first = tokio::select! {
             biased;
             _ = cancel.cancelled() => break,
-            m = messages.next() => m,
+            m = intake.next() => m,
         };
         let Some(first) = first else { break };
         let mut chunk = Vec::with_capacity(64);
@@ -156,16 +165,16 @@ pub async fn lead(
             Ok(m) => chunk.push(m),
             Err(e) => {
                 debug!(error = %e, "intake pull");
+                tokio::time::sleep(Duration::from_millis(50)).await;
                 continue;
             }
         }
         // Take what is already here without waiting: under load chunks grow and batches fill;
         // when idle a lone task leaves at once.
         while chunk.len() < ctx.config.max_chunk {
-            match futures::FutureExt::now_or_never(messages.next()) {
-                Some(Some(Ok(m))) => chunk.push(m),
-                Some(Some(Err(_))) => continue,
-                _ => break,
+            match intake.next_now() {
+                Some(m) => chunk.push(m),
+                None => break,
             }
         }
         // Adaptive linger (`dispatcher.linger_ms`): a busy intake (more than one message was
@@ -183,12 +192,24 @@ pub async fn lead(
             }
         }
         if cancel.is_cancelled() {
-            nak_all(chunk).await;
+            in_hand = chunk;
             break;
         }
         state.dispatch(chunk, &cancel).await;
     }
-    Ok(())
+    // Leadership ended: release the pull so nothing more arrives, and hand back what came.
+    let Some(mut held) = intake.release().await else {
+        warn!(
+            epoch,
+            "intake pull not released in time; the successor waits for redelivery"
+        );
+        return Ok(false);
+    };
+    held.append(&mut in_hand);
+    let n = held.len();
+    let clean = handover::nak_confirmed(held).await;
+    debug!(epoch, returned = n, clean, "intake released");
+    Ok(clean)
 }
 
 /// Gives every predeclared queue (`[queues.<name>]`) its state record (partition count) and
@@ -237,47 +258,6 @@ async fn provision_in_background(ctx: LeaderContext, queue: String, partitions: 
     }
 }
 
-/// A new leader starts only when its predecessor's unacked intake messages are either acked or
-/// due for redelivery, so they come back first and per-key order holds across failover.
-async fn wait_for_predecessor(
-    consumer: &PullConsumer,
-    cancel: &CancellationToken,
-) -> Result<(), LeaderError> {
-    loop {
-        let info = consumer
-            .get_info()
-            .await
-            .map_err(|e| nats_err("read intake consumer")(&e))?;
-        if info.num_ack_pending == 0 {
-            return Ok(());
-        }
-        let ack_wait = info.config.ack_wait;
-        let since_last = info
-            .delivered
-            .last_active
-            .map(|t| {
-                let now = time::OffsetDateTime::now_utc();
-                (now - t).try_into().unwrap_or(Duration::ZERO)
-            })
-            .unwrap_or(ack_wait);
-        if since_last >= ack_wait + Duration::from_millis(50) {
-            return Ok(());
-        }
-        let wait =
-            (ack_wait + Duration::from_millis(50) - since_last).min(Duration::from_millis(100));
-        tokio::select! {
-            _ = cancel.cancelled() => return Ok(()),
-            _ = tokio::time::sleep(wait) => {}
-        }
-    }
-}
-
-async fn nak_all(chunk: Vec<jetstream::Message>) {
-    for m in chunk {
-        let _ = m.ack_with(AckKind::Nak(None)).await;
-    }
-}
-
 /// Per-queue facts the leader keeps.
 struct QueueInfo {
     partitions: u32,
@@ -292,6 +272,8 @@ pub(crate) struct Pipeline {
     queues: HashMap<String, QueueInfo>,
     records: Option<jetstream::stream::Stream>,
     unique: Option<UniqueStore>,
+    /// Partition loads of `least_loaded` queues.
+    loads: HashMap<String, Loads>,
 }
 
 /// A task whose first attempt waits for its time.
@@ -358,6 +340,7 @@ impl Pipeline {
             queues: HashMap::new(),
             records: None,
             unique: None,
+            loads: HashMap::new(),
         }
     }
 
@@ -482,12 +465,9 @@ impl Pipeline {
                     continue;
                 }
             };
-            let turn = self.router.keyless(
-                &a.queue,
-                partitions,
-                self.ctx.config.strategy,
-                rand::random(),
-            );
+            let turn = self
+                .keyless(&a.queue, partitions, a.tasks.len() as u64)
+                .await;
             for (task, plan) in a.tasks.into_iter().zip(a.plans) {
                 if let Some(due_ms) = plan.due_ms {
                     delayed.push(Delayed {
@@ -542,14 +522,19 @@ impl Pipeline {
             }
         }
 
-        // Ack only what is durable downstream; everything else comes back.
+        // Ack only what is durable downstream; everything else comes back. What is durable is
+        // acked even when leadership ended meanwhile: NAKing it would only make the successor
+        // dispatch it a second time.
         let leading = !cancel.is_cancelled();
         for h in held {
-            let kind = if h.ok && leading {
+            let kind = if h.ok {
                 AckKind::Ack
             } else {
                 self.ctx.metrics.intake_retries.inc();
-                AckKind::Nak(Some(Duration::from_millis(250)))
+                // While leading, a failed step is retried after a pause; once leadership ended,
+                // NAK without delay, so the message is due before anything newer when the
+                // successor pulls (per-key order).
+                AckKind::Nak(leading.then_some(Duration::from_millis(250)))
             };
             if let Err(e) = h.msg.ack_with(kind).await {
                 debug!(error = %e, "intake ack");
@@ -603,13 +588,57 @@ impl Pipeline {
     /// preparing its queue on first sight.
     pub(crate) async fn route(&mut self, task: &Task) -> Result<u32, LeaderError> {
         let partitions = self.queue(&task.queue).await?;
-        let turn = self.router.keyless(
-            &task.queue,
-            partitions,
-            self.ctx.config.strategy,
-            rand::random(),
-        );
+        let turn = self.keyless(&task.queue, partitions, 1).await;
         Ok(Router::partition(task.key.as_deref(), partitions, turn))
+    }
+
+    /// The partition of the keyless tasks (`tasks` of them) of the next submission message of
+    /// `queue`, by the queue's strategy.
+    async fn keyless(&mut self, queue: &str, partitions: u32, tasks: u64) -> u32 {
+        let strategy = self
+            .ctx
+            .config
+            .queue_strategies
+            .get(queue)
+            .copied()
+            .unwrap_or(self.ctx.config.strategy);
+        let turn = self
+            .router
+            .keyless(queue, partitions, strategy, rand::random());
+        if strategy != Strategy::LeastLoaded {
+            return turn;
+        }
+        let now = std::time::Instant::now();
+        let stale = self.loads.get(queue).is_none_or(|l| l.needs_refresh(now));
+        if stale {
+            let pending = self.read_loads(queue, partitions).await;
+            self.loads
+                .entry(queue.to_owned())
+                .or_insert_with(|| Loads::new(partitions))
+                .observe(&pending, now);
+        }
+        self.loads
+            .entry(queue.to_owned())
+            .or_insert_with(|| Loads::new(partitions))
+            .pick(turn, tasks)
+    }
+
+    /// Pending messages (undelivered + unacked) of each partition consumer of `queue`, read
+    /// concurrently; `None` where the read failed.
+    async fn read_loads(&self, queue: &str, partitions: u32) -> Vec<Option<u64>> {
+        let Ok(stream) = self.ctx.js.get_stream(self.ctx.names.work_stream()).await else {
+            return vec![None; partitions as usize];
+        };
+        let names = &self.ctx.names;
+        futures::future::join_all((0..partitions).map(|p| {
+            let stream = stream.clone();
+            let name = names.work_consumer(queue, p);
+            async move {
+                let info = stream.consumer_info(name).await.ok()?;
+                Some(info.num_pending + info.num_ack_pending as u64)
+            }
+        }))
+        .await
     }
 
     /// Partitions of `queue`, creating its state record and consumers on first sight.
@@ -624,11 +653,11 @@ impl Pipeline {
             .await
             .map_err(|e| nats_err("open state bucket")(&e))?;
         let key = format!("queue.{queue}");
-        let partitions = match state
+        let known = state
             .get(&key)
             .await
-            .map_err(|e| nats_err("read queue state")(&e))?
-        {
+            .map_err(|e| nats_err("read queue state")(&e))?;
+        let partitions = match known {
             Some(v) => serde_json::from_slice::<serde_json::Value>(&v)
                 .ok()
                 .and_then(|v| v.get("partitions")?.as_u64())

@@ -18,7 +18,7 @@ use drover_shared::config::ConnectArgs;
 use drover_shared::keyring::Keyring;
 use drover_shared::ops::{self, Health, Metrics};
 use drover_shared::settings::{self, QueueSettings, Settings};
-use drover_shared::topology::{self, QueueConsumerConfig, TopologyConfig};
+use drover_shared::topology::{QueueConsumerConfig, TopologyConfig};
 use futures::StreamExt;
 use serde::Serialize;
 use std::sync::Arc;
@@ -66,17 +66,10 @@ impl Replica {
         };
         let d = &settings.dispatcher;
         let defaults = QueueSettings::default();
-        if settings
-            .queues
-            .values()
-            .any(|q| q.strategy == settings::Strategy::LeastLoaded)
-            || defaults.strategy == settings::Strategy::LeastLoaded
-        {
-            warn!("strategy least_loaded is not implemented yet; using round_robin");
-        }
         let strategy = |s: settings::Strategy| match s {
             settings::Strategy::Random => Strategy::Random,
-            _ => Strategy::RoundRobin,
+            settings::Strategy::LeastLoaded => Strategy::LeastLoaded,
+            settings::Strategy::RoundRobin => Strategy::RoundRobin,
         };
         Ok(Self {
             connect,
@@ -103,6 +96,11 @@ impl Replica {
                     .map(|(name, q)| (name.clone(), q.partitions))
                     .collect(),
                 strategy: strategy(defaults.strategy),
+                queue_strategies: settings
+                    .queues
+                    .iter()
+                    .map(|(name, q)| (name.clone(), strategy(q.strategy)))
+                    .collect(),
                 default_timeout_ms: defaults.timeout_ms,
                 max_chunk: d.intake_fetch,
                 track_queued: d.tracking == settings::Tracking::Full,
@@ -155,9 +153,18 @@ pub async fn run(settings: Replica, shutdown: CancellationToken) -> anyhow::Resu
         Duration::from_secs(10),
     )
     .await?;
-    let report = topology::provision(&client, &names, &settings.topology).await?;
+    let Some(report) = crate::provisioning::provision_until_done(
+        &client,
+        &names,
+        &settings.topology,
+        &health,
+        &shutdown,
+    )
+    .await?
+    else {
+        return Ok(());
+    };
     info!(id = %settings.id, %report, "provisioned");
-    health.set_ready(true, "provisioned");
     // Pipelined publishes wait for room instead of failing when many acks are outstanding.
     let js = jetstream::context::ContextBuilder::new()
         .max_ack_inflight(MAX_ACKS_IN_FLIGHT)
@@ -236,7 +243,9 @@ async fn campaign(
             None
         }
     };
-    let mut leading: Option<(CancellationToken, tokio::task::JoinHandle<()>)> = None;
+    let mut leading: Option<(CancellationToken, tokio::task::JoinHandle<bool>)> = None;
+    // On shutdown: whether the intake was released cleanly, and until when the lease was ours.
+    let mut released = false;
     let metrics = ctx.metrics.clone();
     let mut leaderless_since: Option<Instant> = None;
     let mut epoch: Option<u64> = None;
@@ -258,6 +267,7 @@ async fn campaign(
                 }
             } => match entry {
                 Ok(e) if e.operation != kv::Operation::Put => {
+                    debug!(operation = ?e.operation, revision = e.revision, "lease gone");
                     leaderless_since.get_or_insert_with(Instant::now);
                     Event::KeyGone
                 }
@@ -271,6 +281,10 @@ async fn campaign(
             },
         };
         let is_shutdown = event == Event::Shutdown;
+        if is_shutdown && epoch.is_some() {
+            info!(epoch, "shutting down: handing leadership over");
+        }
+        let (valid_until, epoch_of_term) = (election.valid_until(), epoch);
         for action in election.on_event(event, Instant::now()) {
             match action {
                 Action::Create => {
@@ -289,7 +303,14 @@ async fn campaign(
                     tokio::spawn(async move {
                         let sent_at = Instant::now();
                         let ev = match kv.update("leader", v, revision).await {
-                            Ok(revision) => Event::Renewed { revision, sent_at },
+                            Ok(revision) => {
+                                debug!(
+                                    revision,
+                                    took_ms = sent_at.elapsed().as_millis() as u64,
+                                    "lease renewed"
+                                );
+                                Event::Renewed { revision, sent_at }
+                            }
                             Err(_) => Event::RenewFailed,
                         };
                         let _ = tx.send(ev).await;
@@ -341,14 +362,17 @@ async fn campaign(
                                 let (ctx, t) = (ctx.clone(), t.clone());
                                 move || crate::schedule::eval::run(ctx.clone(), e, t.clone())
                             }));
-                        supervise("intake", t.clone(), OnDone::Restart, || {
+                        // Whether the intake was released cleanly (for the hand-over record).
+                        let released = supervise("intake", t.clone(), OnDone::Restart, || {
                             leader::lead(ctx.clone(), e, t.clone())
                         })
-                        .await;
+                        .await
+                        .unwrap_or(false);
                         let _ = assigning.await;
                         let _ = outcomes.await;
                         let _ = due.await;
                         let _ = schedules.await;
+                        released
                     });
                     leading = Some((token, handle));
                 }
@@ -366,11 +390,24 @@ async fn campaign(
                         token.cancel();
                         if reason == StepDown::Shutdown {
                             // Let it NAK what it holds before the lease goes.
-                            let _ = tokio::time::timeout(Duration::from_secs(5), handle).await;
+                            released = matches!(
+                                tokio::time::timeout(Duration::from_secs(5), handle).await,
+                                Ok(Ok(true))
+                            );
                         }
                     }
                 }
-                Action::Resign { revision } => resign(kv, &settings.id, revision).await,
+                Action::Resign { revision } => {
+                    // Record the hand-over only while the lease is surely still ours: then no
+                    // successor has pulled since our release (crate::handover).
+                    if released
+                        && let (Some(until), Some(e)) = (valid_until, epoch_of_term)
+                        && Instant::now() < until
+                    {
+                        record_handover(&ctx, kv, e).await;
+                    }
+                    resign(kv, &settings.id, revision).await
+                }
             }
         }
         if is_shutdown {
@@ -380,6 +417,25 @@ async fn campaign(
     if let Some((token, handle)) = leading.take() {
         token.cancel();
         let _ = handle.await;
+    }
+}
+
+/// Records a graceful hand-over of `epoch` (the intake consumer's delivered sequence after our
+/// release), so the successor need not wait for redelivery; a failure only costs that wait.
+async fn record_handover(ctx: &LeaderContext, kv: &kv::Store, epoch: u64) {
+    let names = &ctx.names;
+    let recorded = match leader::leader_consumer(
+        ctx,
+        &names.submit_stream(),
+        &names.intake_consumer(),
+    )
+    .await
+    {
+        Ok(consumer) => crate::handover::record(&consumer, kv, epoch).await,
+        Err(e) => Err(e),
+    };
+    if let Err(e) = recorded {
+        warn!(error = %e, "could not record the hand-over; the successor waits for redelivery");
     }
 }
 

@@ -24,6 +24,11 @@ use std::time::Duration;
 /// parts (each part is a message of its own on the same subject).
 pub const MAX_OUTCOME_MESSAGE_BYTES: usize = 512 * 1024;
 
+/// Largest task result, as JSON text, that a worker reports: an outcome carrying it must fit
+/// one outcome message ([`MAX_OUTCOME_MESSAGE_BYTES`]) with room to spare for the rest of the
+/// outcome and the message (ids, times, worker, batch). A bigger result fails its attempt.
+pub const MAX_RESULT_BYTES: usize = MAX_OUTCOME_MESSAGE_BYTES - 64 * 1024;
+
 /// How an attempt ended, as the worker saw it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]

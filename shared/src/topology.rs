@@ -560,9 +560,7 @@ pub async fn provision(
 ) -> Result<ProvisionReport, TopologyError> {
     check_server_version(&client.server_info().version)?;
     let js = jetstream::new(client.clone());
-    js.query_account()
-        .await
-        .map_err(|e| TopologyError::NoJetStream(e.to_string()))?;
+    js.query_account().await.map_err(account_error)?;
 
     let mut report = ProvisionReport::default();
     for config in streams(names, cfg) {
@@ -588,6 +586,25 @@ pub async fn provision(
             .push(ensure_consumer(&js, &stream, consumer).await?);
     }
     Ok(report)
+}
+
+/// Classifies a failed account query: JetStream off is final; a timeout or a cluster still
+/// electing its meta leader is worth retrying.
+fn account_error(e: jetstream::context::AccountError) -> TopologyError {
+    use async_nats::jetstream::ErrorCode;
+    use jetstream::context::AccountErrorKind;
+    match e.kind() {
+        AccountErrorKind::JetStreamUnavailable => TopologyError::NoJetStream(e.to_string()),
+        AccountErrorKind::JetStream(err)
+            if matches!(
+                err.error_code(),
+                ErrorCode::JETSTREAM_NOT_ENABLED | ErrorCode::JETSTREAM_NOT_ENABLED_FOR_ACCOUNT
+            ) =>
+        {
+            TopologyError::NoJetStream(e.to_string())
+        }
+        _ => TopologyError::nats("query account", "JetStream", e),
+    }
 }
 
 /// Creates or updates the per-partition consumers of `queue` (partitions `0..partitions`).

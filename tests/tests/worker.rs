@@ -982,6 +982,62 @@ async fn cancel_is_prompt_and_checkpoints_survive_failover() {
     assert!(workers.get("eq-b").await.unwrap().is_none());
 }
 
+/// `TaskContext::progress` (SPEC §6.1) shows in the running record as `meta.progress`, rate
+/// limited, and the final 1.0 is always written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn progress_is_written_into_the_running_record() {
+    let f = Fixture::start().await;
+    f.queue("pq", 1).await;
+    let handler = |ctx: drover_worker::TaskContext, _p: serde_json::Value| async move {
+        ctx.progress(0.25);
+        // Within the rate limit: dropped.
+        ctx.progress(0.5);
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        ctx.progress(1.0);
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        Ok::<_, HandlerError>(serde_json::Value::Null)
+    };
+    let shutdown = CancellationToken::new();
+    let w = Worker::builder(f.settings("pq-a", "pq"))
+        .handler("prog", handler)
+        .build()
+        .unwrap();
+    let h = tokio::spawn(w.run(shutdown.clone()));
+    f.wait_workers(&["pq-a"], &[]).await;
+    f.assign("pq", 1, 1, &[(0, "pq-a".to_owned())].into()).await;
+    f.dispatch(
+        "pq",
+        0,
+        &[task("pq-1", "pq", "prog", serde_json::Value::Null, None)],
+    )
+    .await;
+    let progress = |r: &TaskRecord| r.meta.get("progress").cloned();
+    let mut seen = Vec::new();
+    let t0 = Instant::now();
+    while seen.last().map(String::as_str) != Some("1.000") {
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "progress seen so far: {seen:?}"
+        );
+        if let Some(r) = f.record("pq-1").await
+            && let Some(p) = progress(&r)
+        {
+            assert_eq!(r.state, TaskState::Running, "{r:?}");
+            if seen.last() != Some(&p) {
+                seen.push(p);
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(seen, ["0.250", "1.000"], "0.5 came within 500 ms of 0.25");
+    shutdown.cancel();
+    tokio::time::timeout(Duration::from_secs(10), h)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+}
+
 impl Fixture {
     /// Publishes a task's envelope without touching its record (a retry's record is the leader's).
     async fn publish_raw_task(&self, t: &Task) {

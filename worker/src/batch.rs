@@ -649,17 +649,17 @@ async fn run_one(
     shared.metrics.running.inc();
     let deadline = tokio::time::Instant::now() + Duration::from_millis(task.timeout_ms);
     let ctx_token = CancellationToken::new();
-    let metrics = shared.metrics.clone();
     let ctx = TaskContext::new(
         task.clone(),
         Arc::from(shared.id.as_str()),
         deadline,
         ctx_token.clone(),
         shared.checkpoints.clone(),
-        Arc::new(move |id: &str, fraction: f64| {
-            metrics.progress.inc();
-            debug!(task_id = id, fraction, "progress");
-        }),
+        crate::progress::sink(
+            shared.tasks_kv.clone(),
+            shared.metrics.progress.clone(),
+            task.attempt,
+        ),
     );
     let fut = handler.invoke(ctx, task.payload.clone());
     tokio::pin!(fut);

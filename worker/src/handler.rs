@@ -10,6 +10,7 @@
 
 use crate::builtins::Builtin;
 use crate::checkpoint::{CheckpointError, Checkpoints};
+use drover_shared::outcome::MAX_RESULT_BYTES;
 use drover_shared::task::{ErrorKind, ShardInfo, Task, TaskError};
 use serde::de::DeserializeOwned;
 use serde_json::value::RawValue;
@@ -209,7 +210,9 @@ impl TaskContext {
         self.cancel.is_cancelled()
     }
 
-    /// Reports progress in `[0, 1]` (best effort: a metric and a debug log line; not stored).
+    /// Reports progress in `[0, 1]`: counted in a metric and written best-effort into the task's
+    /// record as `meta.progress` (`"0.420"`), at most every 500 ms and always when it reaches 1
+    /// ([`crate::progress`]).
     pub fn progress(&self, fraction: f64) {
         (self.progress)(&self.task.id, fraction.clamp(0.0, 1.0));
     }
@@ -311,8 +314,29 @@ impl fmt::Debug for HandlerKind {
 }
 
 impl HandlerKind {
-    /// Runs one attempt; the caller enforces the deadline and cancellation around it.
+    /// Runs one attempt; the caller enforces the deadline and cancellation around it. A result
+    /// longer (as JSON) than [`MAX_RESULT_BYTES`] fails the attempt (`handler`): it could not
+    /// travel in an outcome message.
     pub async fn invoke(
+        &self,
+        ctx: TaskContext,
+        payload: Box<RawValue>,
+    ) -> Result<Box<RawValue>, TaskError> {
+        let result = self.invoke_unbounded(ctx, payload).await?;
+        let len = result.get().len();
+        if len > MAX_RESULT_BYTES {
+            return Err(TaskError {
+                kind: ErrorKind::Handler,
+                message: format!(
+                    "the result is {len} bytes as JSON, more than the {MAX_RESULT_BYTES} bytes \
+                     an outcome can carry"
+                ),
+            });
+        }
+        Ok(result)
+    }
+
+    async fn invoke_unbounded(
         &self,
         ctx: TaskContext,
         payload: Box<RawValue>,

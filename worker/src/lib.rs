@@ -45,6 +45,7 @@ pub mod http;
 pub mod metrics;
 pub mod partitions;
 pub mod plan;
+pub mod progress;
 pub mod run;
 pub mod state;
 

@@ -171,7 +171,10 @@ impl Target {
                 ("DROVER_KEYS".into(), s.keys.clone()),
                 ("DROVER_NATS_URL".into(), self.url.clone()),
                 ("DROVER_PREFIX".into(), names.prefix().to_owned()),
-                ("DROVER_LOG".into(), "warn".into()),
+                (
+                    "DROVER_LOG".into(),
+                    std::env::var("DROVER_BENCH_LOG").unwrap_or_else(|_| "warn".into()),
+                ),
             ],
             names,
             components: Vec::new(),

@@ -322,7 +322,7 @@ fn conclude(
     }
     if let Some(code) = status.code() {
         if code == 0 {
-            return Ok(output::to_result(&out.bytes));
+            return output::to_bounded_result(&out.bytes).map_err(handler_error);
         }
         return Err(handler_error(with_tail(format!("exit status {code}"), err)));
     }

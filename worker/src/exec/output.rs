@@ -1,6 +1,7 @@
 //! Turning a handler's output bytes into a task result, and keeping the end of an error stream:
 //! shared by the `exec` and `http` handlers.
 
+use drover_shared::outcome::MAX_RESULT_BYTES;
 use serde_json::value::RawValue;
 
 /// The result for `bytes`: `null` when they are empty or only whitespace, the JSON value itself
@@ -19,6 +20,23 @@ pub fn to_result(bytes: &[u8]) -> Box<RawValue> {
     let text = String::from_utf8_lossy(bytes);
     // Serializing a string cannot fail; fall back to `null` rather than panic regardless.
     serde_json::to_string(&text).map_or_else(|_| raw("null".to_owned()), raw)
+}
+
+/// [`to_result`], refused (with the reason) when the result's JSON text is longer than
+/// [`MAX_RESULT_BYTES`]: it could not travel in an outcome message. Output that is not JSON
+/// grows when escaped as a string (up to six bytes per control byte), so the check is on the
+/// JSON, not on the output's length.
+pub fn to_bounded_result(bytes: &[u8]) -> Result<Box<RawValue>, String> {
+    let result = to_result(bytes);
+    let len = result.get().len();
+    if len > MAX_RESULT_BYTES {
+        return Err(format!(
+            "the result is {len} bytes as JSON ({} bytes of output), more than the {MAX_RESULT_BYTES} \
+             bytes an outcome can carry; return less (e.g. a reference to where the data is)",
+            bytes.len()
+        ));
+    }
+    Ok(result)
 }
 
 /// A `RawValue` from text this module made and knows to be valid JSON.

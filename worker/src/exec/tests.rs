@@ -585,6 +585,33 @@ async fn too_much_stdout_kills_the_group_and_fails() {
 }
 
 #[tokio::test]
+async fn a_result_an_outcome_cannot_carry_fails_the_attempt() {
+    use drover_shared::outcome::{MAX_OUTCOME_MESSAGE_BYTES, MAX_RESULT_BYTES};
+    // 100,000 control bytes are within a 1 MiB output cap, but escaped as a JSON string
+    // ("\u0001" each) they are 600,002 bytes: more than one outcome message holds.
+    let mut c = sh("head -c 100000 /dev/zero | tr '\\0' '\\1'");
+    c.max_output_bytes = 1024 * 1024;
+    let err = go(&c, "{}", Duration::from_secs(20)).await.unwrap_err();
+    assert_eq!(err.kind, ErrorKind::Handler);
+    assert!(
+        err.message.contains("600002 bytes as JSON")
+            && err.message.contains(&format!("{MAX_RESULT_BYTES} bytes")),
+        "{}",
+        err.message
+    );
+    const { assert!(MAX_RESULT_BYTES < MAX_OUTCOME_MESSAGE_BYTES) };
+
+    // The largest result that fits is returned whole: a JSON string of MAX_RESULT_BYTES.
+    let n = MAX_RESULT_BYTES - 2;
+    let mut c = sh(&format!(
+        "printf '\"'; head -c {n} /dev/zero | tr '\\0' a; printf '\"'"
+    ));
+    c.max_output_bytes = 1024 * 1024;
+    let out = go(&c, "{}", Duration::from_secs(20)).await.unwrap();
+    assert_eq!(out.get().len(), MAX_RESULT_BYTES);
+}
+
+#[tokio::test]
 async fn programs_that_cannot_start_are_handler_errors() {
     let err = go(&cfg(&["no-such-program-xyz"]), "{}", Duration::from_secs(5))
         .await

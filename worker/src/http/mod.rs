@@ -372,7 +372,7 @@ impl Target {
                     self.max_body
                 )));
             }
-            return Ok(output::to_result(&body));
+            return output::to_bounded_result(&body).map_err(Failure::Rejected);
         }
         let mut message = format!("HTTP {status}");
         let excerpt = String::from_utf8_lossy(&body);
