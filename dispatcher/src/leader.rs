@@ -184,7 +184,7 @@ pub async fn lead(
         if chunk.len() > 1 && chunk.len() < ctx.config.max_chunk && !linger.is_zero() {
             let until = tokio::time::Instant::now() + linger;
             while chunk.len() < ctx.config.max_chunk {
-                match tokio::time::timeout_at(until, messages.next()).await {
+                match tokio::time::timeout_at(until, intake.next()).await {
                     Ok(Some(Ok(m))) => chunk.push(m),
                     Ok(Some(Err(_))) => continue,
                     _ => break,
