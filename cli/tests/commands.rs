@@ -466,14 +466,20 @@ async fn inspect_opens_envelopes_with_the_right_keys_only() {
     .await
     .ok();
     wait_state(&js, "env1", "queued").await;
+    // The `queued` record is written before the envelope is published: wait for the envelope.
     let stream = js.get_stream("DROVER_WORK").await.unwrap();
-    let seq = stream
-        .get_info()
-        .await
-        .unwrap()
-        .state
-        .first_sequence
-        .to_string();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let seq = loop {
+        let state = stream.get_info().await.unwrap().state;
+        if state.messages > 0 {
+            break state.first_sequence.to_string();
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no envelope in DROVER_WORK"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    };
 
     let with_keys = |keys: &'static str| {
         let url = url.clone();
