@@ -379,23 +379,15 @@ enum Unopenable {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use drover_shared::task::TaskSpec;
     use serde_json::value::RawValue;
 
     fn task(attempt: u32) -> Task {
         Task {
             id: "t".into(),
-            queue: "q".into(),
-            task_type: "x".into(),
             payload: RawValue::from_string("1".into()).unwrap(),
             attempt,
-            max_attempts: 3,
-            timeout_ms: 1,
-            key: None,
-            backoff: None,
-            shard: None,
-            parent: None,
-            submitted_ms: 0,
-            meta: Default::default(),
+            ..Task::first_attempt(&TaskSpec::new("x"), "q", 1, 0)
         }
     }
 

@@ -233,23 +233,12 @@ async fn publish(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use drover_shared::task::Task;
+    use drover_shared::task::{Task, TaskSpec};
 
     fn record(id: &str, queue: &str, state: TaskState) -> TaskRecord {
         let task = Task {
             id: id.into(),
-            queue: queue.into(),
-            task_type: "t".into(),
-            payload: serde_json::value::RawValue::from_string("null".into()).unwrap(),
-            attempt: 1,
-            max_attempts: 3,
-            timeout_ms: 1,
-            key: None,
-            backoff: None,
-            shard: None,
-            parent: None,
-            submitted_ms: 0,
-            meta: Default::default(),
+            ..Task::first_attempt(&TaskSpec::new("t"), queue, 1, 0)
         };
         TaskRecord::new(&task, state, chrono::Utc::now())
     }

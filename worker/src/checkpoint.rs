@@ -147,23 +147,13 @@ impl Checkpoints {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use serde_json::value::RawValue;
+    use drover_shared::task::TaskSpec;
 
     fn task(id: &str) -> Task {
         Task {
             id: id.into(),
-            queue: "q".into(),
-            task_type: "x".into(),
-            payload: RawValue::from_string("null".into()).unwrap(),
             attempt: 2,
-            max_attempts: 3,
-            timeout_ms: 1000,
-            key: None,
-            backoff: None,
-            shard: None,
-            parent: None,
-            submitted_ms: 0,
-            meta: Default::default(),
+            ..Task::first_attempt(&TaskSpec::new("x"), "q", 1000, 0)
         }
     }
 

@@ -92,24 +92,14 @@ pub fn delivery(delivered: i64, max_redeliveries: u32) -> Delivery {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use drover_shared::task::TaskState;
-    use serde_json::value::RawValue;
+    use drover_shared::task::{TaskSpec, TaskState};
 
     fn task(id: &str, key: Option<&str>, attempt: u32) -> Task {
         Task {
             id: id.into(),
-            queue: "q".into(),
-            task_type: "echo".into(),
-            payload: RawValue::from_string("null".into()).unwrap(),
             attempt,
-            max_attempts: 3,
-            timeout_ms: 1000,
             key: key.map(Into::into),
-            backoff: None,
-            shard: None,
-            parent: None,
-            submitted_ms: 0,
-            meta: Default::default(),
+            ..Task::first_attempt(&TaskSpec::new("echo"), "q", 1000, 0)
         }
     }
 

@@ -384,6 +384,7 @@ async fn cancel_siblings(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use drover_shared::task::TaskSpec;
 
     fn assignment(pairs: &[(u32, &str)]) -> AssignmentRecord {
         AssignmentRecord {
@@ -427,18 +428,9 @@ mod tests {
     fn parent_task() -> Task {
         Task {
             id: "p".into(),
-            queue: "q".into(),
-            task_type: "echo".into(),
             payload: RawValue::from_string("1".into()).unwrap(),
-            attempt: 1,
             max_attempts: 2,
-            timeout_ms: 1000,
-            key: None,
-            backoff: None,
-            shard: None,
-            parent: None,
-            submitted_ms: 0,
-            meta: Default::default(),
+            ..Task::first_attempt(&TaskSpec::new("echo"), "q", 1000, 0)
         }
     }
 

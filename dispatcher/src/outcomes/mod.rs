@@ -86,24 +86,15 @@ pub fn dead_letter_headers(outcome: &Outcome) -> Vec<(&'static str, String)> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use drover_shared::task::{ErrorKind, Task};
+    use drover_shared::task::{ErrorKind, Task, TaskSpec};
     use serde_json::value::RawValue;
 
     fn task() -> Task {
         Task {
             id: "t1".into(),
-            queue: "mail".into(),
-            task_type: "echo".into(),
             payload: RawValue::from_string(r#"{"a":1}"#.into()).unwrap(),
             attempt: 2,
-            max_attempts: 3,
-            timeout_ms: 1000,
-            key: None,
-            backoff: None,
-            shard: None,
-            parent: None,
-            submitted_ms: 0,
-            meta: Default::default(),
+            ..Task::first_attempt(&TaskSpec::new("echo"), "mail", 1000, 0)
         }
     }
 
