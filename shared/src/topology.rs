@@ -451,10 +451,14 @@ pub fn leader_consumers(
         ),
         (
             names.outcomes_stream(),
+            // Short as well: outcomes a crashed leader had pulled come back to its successor
+            // after this, and until then their tasks' records (and the dependents of those
+            // tasks) wait. A redelivery while the leader still handles a message is harmless:
+            // outcomes are idempotent by (id, attempt).
             pull(
                 names.outcomes_consumer(),
                 format!("{p}.outcome.>"),
-                Duration::from_secs(30),
+                (lease + Duration::from_secs(1)).max(Duration::from_secs(2)),
                 cfg.intake_max_ack_pending,
             ),
         ),
