@@ -89,6 +89,26 @@ impl Rig {
             .unwrap()
     }
 
+    /// Every record write of `drover-tasks` from the start on, as it comes, that `keep` accepts.
+    async fn record_feed(
+        &self,
+        keep: fn(&TaskRecord) -> bool,
+    ) -> tokio::sync::mpsc::UnboundedReceiver<TaskRecord> {
+        let mut watch = self.tasks().await.watch_with_history(">").await.unwrap();
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<TaskRecord>();
+        tokio::spawn(async move {
+            while let Some(Ok(e)) = watch.next().await {
+                if let Ok(r) = serde_json::from_slice::<TaskRecord>(&e.value)
+                    && keep(&r)
+                    && tx.send(r).is_err()
+                {
+                    break;
+                }
+            }
+        });
+        rx
+    }
+
     async fn publish(&self, queue: &str, body: Value) {
         self.js
             .publish(self.names.submit_subject(queue), body.to_string().into())
@@ -385,18 +405,7 @@ async fn cancelled_scheduled_and_queued_tasks_never_run() {
 #[tokio::test]
 async fn retries_start_at_their_backoff_instant() {
     let rig = Rig::start(1, 1).await;
-    let kv = rig.tasks().await;
-    let mut watch = kv.watch_with_history(">").await.unwrap();
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<TaskRecord>();
-    tokio::spawn(async move {
-        while let Some(Ok(e)) = watch.next().await {
-            if let Ok(r) = serde_json::from_slice::<TaskRecord>(&e.value)
-                && tx.send(r).is_err()
-            {
-                break;
-            }
-        }
-    });
+    let mut rx = rig.record_feed(|_| true).await;
     // 3 attempts each: two retries per task; 8 tasks with a 400 ms backoff, 8 with 2,500 ms.
     let tasks: Vec<Value> = (0..16)
         .map(|i| {
@@ -480,21 +489,8 @@ async fn ten_thousand_delayed_tasks_survive_a_leader_kill() {
         .unwrap_or(10_000);
     let spread_ms: i64 = 5_000;
     let rig = Rig::start(2, 2).await;
-    let kv = rig.tasks().await;
-
-    // Watch every record from the start; keep the terminal ones.
-    let mut watch = kv.watch_with_history(">").await.unwrap();
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<TaskRecord>();
-    tokio::spawn(async move {
-        while let Some(Ok(e)) = watch.next().await {
-            if let Ok(r) = serde_json::from_slice::<TaskRecord>(&e.value)
-                && r.state.is_terminal()
-                && tx.send(r).is_err()
-            {
-                break;
-            }
-        }
-    });
+    // Every terminal record, from the start.
+    let mut rx = rig.record_feed(|r| r.state.is_terminal()).await;
 
     let base = now_ms() + 4_000;
     let due: Vec<i64> = (0..n)
