@@ -671,6 +671,8 @@ async fn stopped_worker_fences_itself_on_wake() {
         "sq-w1 did not come back:\n{log}"
     );
     // After coming back it works normally: a new batch on its own partition runs.
+    let moved = r#"partition moved away: finishing the batch in flight queue="sq" partition=1"#;
+    let moved_before = w2.log().matches(moved).count();
     f.assign(
         "sq",
         1,
@@ -678,6 +680,16 @@ async fn stopped_worker_fences_itself_on_wake() {
         &[(0, "sq-w2".to_owned()), (1, "sq-w1".to_owned())].into(),
     )
     .await;
+    // Until sq-w2 has seen the move, a pull it made earlier may still take the batch.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while w2.log().matches(moved).count() == moved_before {
+        assert!(
+            Instant::now() < deadline,
+            "sq-w2 kept partition 1:\n{}",
+            w2.log()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     f.dispatch(
         "sq",
         1,
