@@ -198,6 +198,11 @@ pub struct IntakePull {
     credit: usize,
 }
 
+/// How long past its `expires` a pull request may stay silent before it is taken for lost: a
+/// request dies without its 408 when the consumer's leader does (a node killed, a leader
+/// change), and credit kept for it would stop the intake for good.
+const LOST_REQUEST_SLACK: Duration = Duration::from_millis(500);
+
 impl IntakePull {
     /// Subscribes an inbox for pulls of up to `batch` messages that expire after `expires`.
     pub async fn open(
@@ -279,7 +284,22 @@ impl IntakePull {
             if let Err(e) = self.top_up().await {
                 return Some(Err(e));
             }
-            let m = self.sub.next().await?;
+            let m = match tokio::time::timeout(self.expires + LOST_REQUEST_SLACK, self.sub.next())
+                .await
+            {
+                Ok(m) => m?,
+                Err(_silent) => {
+                    // Every open request has expired by now; whatever did not say so was lost.
+                    if self.credit > 0 {
+                        debug!(
+                            credit = self.credit,
+                            "intake pull requests lost; asking again"
+                        );
+                    }
+                    self.credit = 0;
+                    continue;
+                }
+            };
             let terminated = m.status == Some(StatusCode::REQUEST_TERMINATED);
             if let Some(d) = self.take(m) {
                 return Some(Ok(d));

@@ -932,6 +932,47 @@ impl ChaosFleet {
         }
     }
 
+    /// The index of the NATS node leading the intake consumer, when it has a leader.
+    pub async fn intake_consumer_leader(&self) -> Option<usize> {
+        let stream = self.js.get_stream(self.names.submit_stream()).await.ok()?;
+        let mut consumer: jetstream::consumer::PullConsumer = stream
+            .get_consumer(&self.names.intake_consumer())
+            .await
+            .ok()?;
+        let leader = consumer
+            .info()
+            .await
+            .ok()?
+            .cluster
+            .as_ref()?
+            .leader
+            .clone()?;
+        self.cluster.nodes().iter().position(|n| n.name() == leader)
+    }
+
+    /// The index of the NATS node the leading dispatcher is connected to (from each node's
+    /// `/connz`: the dispatcher names its connection `drover-dispatcher <id>`).
+    pub async fn leader_connection_node(&self) -> Option<usize> {
+        let id = leader_id(&self.js, &self.names).await?;
+        let want = format!("drover-dispatcher {id}");
+        for (i, node) in self.cluster.nodes().iter().enumerate() {
+            let Ok(connz) = node
+                .monitor_get("/connz?limit=1024")
+                .await
+                .and_then(|r| r.json())
+            else {
+                continue;
+            };
+            let serves = connz["connections"]
+                .as_array()
+                .is_some_and(|cs| cs.iter().any(|c| c["name"].as_str() == Some(want.as_str())));
+            if serves {
+                return Some(i);
+            }
+        }
+        None
+    }
+
     /// SIGKILLs one NATS node, restarts it two seconds later and waits until it is healthy.
     pub async fn kill_nats_node(&self, pick: &mut impl FnMut(usize) -> usize) {
         let i = pick(self.cluster.size()) % self.cluster.size();

@@ -26,7 +26,25 @@ const BEFORE: Duration = Duration::from_secs(3);
 const AFTER: Duration = Duration::from_secs(4);
 const QUIESCE: Duration = Duration::from_secs(120);
 
+/// Which candidate (worker, node) a short scenario's fault hits.
+#[derive(Clone, Copy)]
+enum Victim {
+    /// Always the second candidate: deterministic, and not the first worker started, which
+    /// tends to hold the most partitions.
+    Second,
+    /// The NATS node leading the intake consumer (`drover-intake`): the leader's open pull
+    /// requests die with it, without the 408 that ends them normally.
+    IntakeConsumerLeader,
+    /// The NATS node the leading dispatcher is connected to: it reconnects elsewhere, and what
+    /// was on its way to it (deliveries, the 408s ending its pulls) is gone.
+    LeaderConnection,
+}
+
 async fn scenario(kind: FaultKind) -> ChaosReport {
+    scenario_on(kind, Victim::Second).await
+}
+
+async fn scenario_on(kind: FaultKind, victim: Victim) -> ChaosReport {
     let _serial = SERIAL.lock().await;
     let started = Instant::now();
     let fleet = ChaosFleet::start(ChaosConfig {
@@ -38,9 +56,18 @@ async fn scenario(kind: FaultKind) -> ChaosReport {
     eprintln!("chaos {kind}: fleet up after {:.1?}", started.elapsed());
     fleet.start_load();
     tokio::time::sleep(BEFORE).await;
-    // Always the second candidate (worker, node): deterministic, and not the first worker
-    // started, which tends to hold the most partitions.
-    fleet.inject(kind, &mut |n| 1 % n.max(1)).await;
+    let target = match victim {
+        Victim::Second => 1,
+        Victim::IntakeConsumerLeader => fleet
+            .intake_consumer_leader()
+            .await
+            .expect("the intake consumer has a leader"),
+        Victim::LeaderConnection => fleet
+            .leader_connection_node()
+            .await
+            .expect("the leader is connected to a node"),
+    };
+    fleet.inject(kind, &mut |n| target % n.max(1)).await;
     tokio::time::sleep(AFTER).await;
     let stopping = Instant::now();
     let report = fleet.finish(QUIESCE).await;
@@ -84,6 +111,16 @@ async fn chaos_worker_sigstopped_past_its_ttl() {
 #[tokio::test]
 async fn chaos_nats_node_sigkilled_and_restarted() {
     scenario(FaultKind::KillNatsNode).await;
+}
+
+#[tokio::test]
+async fn chaos_nats_node_leading_the_intake_sigkilled() {
+    scenario_on(FaultKind::KillNatsNode, Victim::IntakeConsumerLeader).await;
+}
+
+#[tokio::test]
+async fn chaos_nats_node_serving_the_leader_sigkilled() {
+    scenario_on(FaultKind::KillNatsNode, Victim::LeaderConnection).await;
 }
 
 #[tokio::test]

@@ -338,3 +338,76 @@ fn refuses_to_start_without_keys() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("drover keys gen"), "{err}");
 }
+
+/// The leader's intake pull keeps going when the server loses its open pull request without
+/// the 408 that normally ends it (here the server is SIGKILLed and restarted: the request dies
+/// with it; in a cluster, with the consumer's leader node or the node the leader talks to).
+/// Before the fix the credit kept for the lost request stopped the intake for good.
+#[tokio::test]
+async fn the_intake_pull_survives_a_lost_pull_request() {
+    use drover_dispatcher::handover::IntakePull;
+    let server = NatsServer::start().await;
+    let js = jetstream::new(server.connect().await);
+    let stream = js
+        .create_stream(jetstream::stream::Config {
+            name: "INTAKE_PULL".into(),
+            subjects: vec!["intake-pull.>".into()],
+            storage: jetstream::stream::StorageType::File,
+            ..Default::default()
+        })
+        .await
+        .expect("create the stream");
+    let consumer: jetstream::consumer::PullConsumer = stream
+        .create_consumer(jetstream::consumer::pull::Config {
+            durable_name: Some("intake".into()),
+            ack_policy: jetstream::consumer::AckPolicy::Explicit,
+            ..Default::default()
+        })
+        .await
+        .expect("create the consumer");
+    let mut intake = IntakePull::open(&js, consumer, 16, Duration::from_secs(1))
+        .await
+        .expect("open the pull");
+    let publish = |n: u32| {
+        let js = js.clone();
+        async move {
+            js.publish(format!("intake-pull.{n}"), n.to_string().into())
+                .await
+                .expect("publish")
+                .await
+                .expect("stored");
+        }
+    };
+    publish(1).await;
+    let first = tokio::time::timeout(Duration::from_secs(5), intake.next())
+        .await
+        .expect("the first message within 5 s")
+        .expect("subscription open")
+        .expect("delivered");
+    assert_eq!(first.subject.as_str(), "intake-pull.1");
+    // A SIGKILL may still lose the ack's state, so the first message may come again after the
+    // restart; only the second one matters below.
+    first.double_ack().await.expect("ack confirmed");
+
+    // The open request (15 messages of credit left) dies with the server.
+    server.restart().await;
+    let js = jetstream::new(server.connect().await);
+    js.publish("intake-pull.2", "2".into())
+        .await
+        .expect("publish after the restart")
+        .await
+        .expect("stored after the restart");
+    let second = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match intake.next().await {
+                Some(Ok(m)) if m.subject.as_str() == "intake-pull.2" => break m,
+                Some(Ok(_redelivered)) => {}
+                Some(Err(_)) => tokio::time::sleep(Duration::from_millis(50)).await,
+                None => panic!("the pull's subscription ended"),
+            }
+        }
+    })
+    .await
+    .expect("a message published after the restart arrives within 10 s");
+    second.ack().await.expect("ack");
+}
