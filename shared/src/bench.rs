@@ -109,6 +109,12 @@ pub struct RawBaseline {
     /// Publish and pull-consume + ack at the same time on a work-queue file stream, msgs/s
     /// (consumer clock: first publish to last ack).
     pub publish_consume_rate: f64,
+    /// The server work SPEC mandates per single-submit task, done by the plainest client:
+    /// publish + pull-consume + ack as above, plus per consumed message a KV-style create
+    /// (`Nats-Expected-Last-Subject-Sequence: 0`, the duplicate check of §1.1) and a second write
+    /// to the same key (the terminal record of §1.2), the ack sent once both are stored. Tasks/s;
+    /// `None` when not measured. No dispatcher can beat this on the same server.
+    pub record_floor_rate: Option<f64>,
 }
 
 /// Measures [`RawBaseline`] with `bodies` on scratch streams `<scratch>_PUB` and `<scratch>_WQ`
@@ -193,11 +199,144 @@ pub async fn raw_baseline(
             message_bytes: bodies.first().map_or(0, Bytes::len),
             publish_rate,
             publish_consume_rate: bodies.len() as f64 / took.as_secs_f64(),
+            record_floor_rate: None,
         })
     }
     .await;
     let _ = js.delete_stream(&pub_stream).await;
     let _ = js.delete_stream(&wq_stream).await;
+    result
+}
+
+/// Measures a record floor with `bodies` on scratch streams `<scratch>_FLOOR` (a work queue)
+/// and `<scratch>_REC` (one message per subject, like a KV bucket), deleted afterwards: publish
+/// all bodies pipelined while a pull consumer takes them; for each, publish a create of
+/// `<scratch>.rec.<n>` and, with `terminal_write`, an update of it, and ack the message once
+/// those PubAcks arrived. Tasks/s, first publish to last ack. With `terminal_write` this is
+/// [`RawBaseline::record_floor_rate`] (the end-to-end floor); without, the floor under a
+/// dispatcher (intake, duplicate check; envelopes not counted).
+pub async fn record_floor(
+    js: &jetstream::Context,
+    scratch: &str,
+    bodies: &[Bytes],
+    terminal_write: bool,
+    mut on_progress: impl FnMut(usize, usize),
+) -> Result<f64, BenchError> {
+    let upper = scratch.to_uppercase().replace(['.', '-'], "_");
+    let lower = scratch.to_lowercase();
+    let (wq_stream, rec_stream) = (format!("{upper}_FLOOR"), format!("{upper}_REC"));
+    let result = async {
+        let wq = js
+            .create_stream(stream::Config {
+                name: wq_stream.clone(),
+                subjects: vec![format!("{lower}.floor")],
+                storage: stream::StorageType::File,
+                retention: stream::RetentionPolicy::WorkQueue,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| nats_err("create the floor work-queue stream")(e.to_string()))?;
+        js.create_stream(stream::Config {
+            name: rec_stream.clone(),
+            subjects: vec![format!("{lower}.rec.>")],
+            storage: stream::StorageType::File,
+            max_messages_per_subject: 1,
+            allow_direct: true,
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| nats_err("create the floor record stream")(e.to_string()))?;
+        let consumer = wq
+            .create_consumer(consumer::pull::Config {
+                durable_name: Some("floor".into()),
+                ack_policy: consumer::AckPolicy::Explicit,
+                max_ack_pending: 20_000,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| nats_err("create the floor consumer")(e.to_string()))?;
+        let mut messages = consumer
+            .stream()
+            .max_messages_per_batch(512)
+            .messages()
+            .await
+            .map_err(|e| nats_err("pull from the floor consumer")(e.to_string()))?;
+        let started = Instant::now();
+        let publisher = tokio::spawn({
+            let (js, bodies, subject) = (js.clone(), bodies.to_vec(), format!("{lower}.floor"));
+            async move { publish_all(&js, &subject, bodies, |_| {}).await }
+        });
+        // The record writes get a context (and PubAck window) of their own: sharing the
+        // publisher's would deadlock, each side holding permits the other waits for.
+        let records = js_context(js.client());
+        let mut in_flight = VecDeque::new();
+        let mut acked = 0;
+        let settle = |(create, update, m): (
+            jetstream::context::PublishAckFuture,
+            Option<jetstream::context::PublishAckFuture>,
+            jetstream::Message,
+        )| async move {
+            create
+                .await
+                .map_err(|e| nats_err("floor create")(e.to_string()))?;
+            if let Some(update) = update {
+                update
+                    .await
+                    .map_err(|e| nats_err("floor update")(e.to_string()))?;
+            }
+            m.ack()
+                .await
+                .map_err(|e| nats_err("floor ack")(e.to_string()))
+        };
+        for n in 0..bodies.len() {
+            let m = tokio::time::timeout(Duration::from_secs(30), messages.next())
+                .await
+                .map_err(|_| BenchError::Stalled {
+                    what: "floor consume",
+                    secs: 30,
+                })?
+                .ok_or_else(|| nats_err("floor consume")("the consumer stream ended".into()))?
+                .map_err(|e| nats_err("floor consume")(e.to_string()))?;
+            let subject = format!("{lower}.rec.{n}");
+            let mut expect_none = async_nats::HeaderMap::new();
+            expect_none.insert("Nats-Expected-Last-Subject-Sequence", "0");
+            let create = records
+                .publish_with_headers(subject.clone(), expect_none, m.payload.clone())
+                .await
+                .map_err(|e| nats_err("floor create")(e.to_string()))?;
+            let update = if terminal_write {
+                Some(
+                    records
+                        .publish(subject, m.payload.clone())
+                        .await
+                        .map_err(|e| nats_err("floor update")(e.to_string()))?,
+                )
+            } else {
+                None
+            };
+            in_flight.push_back((create, update, m));
+            while in_flight.len() >= WINDOW / 4 {
+                if let Some(f) = in_flight.pop_front() {
+                    settle(f).await?;
+                    acked += 1;
+                    on_progress(acked, bodies.len());
+                }
+            }
+        }
+        for f in in_flight {
+            settle(f).await?;
+            acked += 1;
+            on_progress(acked, bodies.len());
+        }
+        let took = started.elapsed();
+        publisher
+            .await
+            .map_err(|e| nats_err("floor publisher")(e.to_string()))??;
+        Ok(bodies.len() as f64 / took.as_secs_f64())
+    }
+    .await;
+    let _ = js.delete_stream(&wq_stream).await;
+    let _ = js.delete_stream(&rec_stream).await;
     result
 }
 

@@ -27,6 +27,8 @@ pub struct Entry {
     pub revision: u64,
     /// `false` for delete/purge markers (and TTL limit markers): the key holds no value.
     pub is_put: bool,
+    /// When the server stored the entry (`Nats-Time-Stamp`), when it said.
+    pub stored_at: Option<chrono::DateTime<chrono::Utc>>,
 }
 
 /// Why a batched read failed (the caller falls back or retries).
@@ -130,12 +132,17 @@ async fn get_chunk(
                 .unwrap_or(0);
             let op = h.get("KV-Operation").map(|v| v.as_str());
             let is_put = matches!(op, None | Some("PUT")) && h.get("Nats-Marker-Reason").is_none();
+            let stored_at = h
+                .get("Nats-Time-Stamp")
+                .and_then(|v| chrono::DateTime::parse_from_rfc3339(v.as_str()).ok())
+                .map(|t| t.with_timezone(&chrono::Utc));
             out.insert(
                 key.to_owned(),
                 Entry {
                     value: m.payload.clone(),
                     revision,
                     is_put,
+                    stored_at,
                 },
             );
         }

@@ -10,6 +10,7 @@ use async_nats::HeaderMap;
 use bytes::Bytes;
 use drover_shared::bench::{
     PAYLOAD_BYTES, WINDOW, js_context, noop_task, percentile, publish_all, raw_baseline,
+    record_floor,
 };
 use drover_shared::names::Names;
 use drover_tests::observe::{leader_value, wait_leader};
@@ -112,6 +113,17 @@ async fn main() {
         name: "raw JetStream publish + pull-consume + ack (concurrent, work queue)".into(),
         rate: consume_rate,
         ratio: Some(consume_rate / raw_rate),
+        note: format!("{n} msgs"),
+    });
+    // The floor under any dispatcher that keeps SPEC's duplicate check: the same, plus a
+    // record create per message before its ack (no envelopes, no validation, no crypto).
+    let floor = record_floor(&js, "bench_floor", &bodies, false, |_, _| {})
+        .await
+        .expect("record floor");
+    rows.push(Row {
+        name: "raw floor: publish + consume + ack + a record create per task".into(),
+        rate: floor,
+        ratio: Some(floor / raw_rate),
         note: format!("{n} msgs"),
     });
 

@@ -1247,6 +1247,11 @@ async fn batched_record_read_returns_current_entries() {
                 assert!(e.is_put, "{id}");
                 assert_eq!(e.value, value.as_bytes(), "{id}");
                 assert_eq!(e.revision, *rev, "{id}");
+                let age = chrono::Utc::now() - e.stored_at.expect("the server's stored time");
+                assert!(
+                    age >= chrono::Duration::zero() && age < chrono::Duration::seconds(60),
+                    "{id} stored {age} ago"
+                );
             }
         }
     }

@@ -414,6 +414,90 @@ pub(crate) async fn follow_until_done(
     Ok((ok, failed, last))
 }
 
+/// What a drained throughput run left behind: the records of its ids.
+pub(crate) struct Drained {
+    /// Ids whose record is `succeeded`.
+    pub succeeded: usize,
+    /// Ids whose record is terminal and not `succeeded`.
+    pub failed: usize,
+    /// When the server stored the last `succeeded` record (its `Nats-Time-Stamp`).
+    pub last_success: Option<chrono::DateTime<chrono::Utc>>,
+}
+
+/// Waits until the pipeline has drained — `submitted` set, and `DROVER_SUBMIT`, `DROVER_WORK`
+/// and `DROVER_OUTCOMES` empty (work-queue streams: a message leaves once acked, and the leader
+/// acks an outcome only after writing its records) — or until nothing in them moved for
+/// `stall`; then reads the records of `ids` with batched direct gets. Polling three stream
+/// infos every 20 ms instead of watching `drover-tasks` keeps the observer from adding a
+/// delivery per record write to the server's work. `on_progress` gets the submit messages the
+/// intake has taken so far.
+pub(crate) async fn drain_and_read(
+    js: &jetstream::Context,
+    names: &Names,
+    ids: &[String],
+    submitted: &AtomicUsize,
+    done_submitting: &AtomicBool,
+    stall: Duration,
+    mut on_progress: impl FnMut(u64),
+) -> anyhow::Result<Drained> {
+    let mut streams = Vec::new();
+    for name in [
+        names.submit_stream(),
+        names.work_stream(),
+        names.outcomes_stream(),
+    ] {
+        streams.push(
+            js.get_stream(&name)
+                .await
+                .with_context(|| format!("no stream {name}: is the fleet provisioned?"))?,
+        );
+    }
+    let mut last_seen = Vec::new();
+    let mut moved_at = Instant::now();
+    loop {
+        let mut held = Vec::with_capacity(streams.len());
+        for s in &mut streams {
+            held.push(s.info().await.map(|i| i.state.messages).unwrap_or(u64::MAX));
+        }
+        let taken = (submitted.load(Ordering::Relaxed) as u64).saturating_sub(held[0]);
+        on_progress(taken);
+        let finished = done_submitting.load(Ordering::Relaxed);
+        if finished && held.iter().all(|&n| n == 0) {
+            break;
+        }
+        if held != last_seen {
+            last_seen = held;
+            moved_at = Instant::now();
+        } else if finished && moved_at.elapsed() >= stall {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let bucket = names.bucket("tasks");
+    let mut out = Drained {
+        succeeded: 0,
+        failed: 0,
+        last_success: None,
+    };
+    for slice in ids.chunks(8192) {
+        let entries = drover_shared::kv_batch::get_many(&js.client(), &bucket, slice)
+            .await
+            .context("read the task records")?;
+        for e in entries.values().filter(|e| e.is_put) {
+            let Ok(view) = serde_json::from_slice::<RecordView>(&e.value) else {
+                continue;
+            };
+            if view.state == "succeeded" {
+                out.succeeded += 1;
+                out.last_success = out.last_success.max(e.stored_at);
+            } else if view.failed() {
+                out.failed += 1;
+            }
+        }
+    }
+    Ok(out)
+}
+
 /// Follows `watch` in a task of its own for a load of unknown size: ids starting with `prefix`
 /// that reach `succeeded` (or fail) are counted; once `stop` is set it ends when as many ids
 /// as `submitted` are terminal, or when none turned terminal for `stall`. Returns (succeeded,

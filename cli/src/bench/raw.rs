@@ -1,10 +1,12 @@
 //! The raw JetStream baseline of a run: the same server, the same 200-byte bodies, measured
 //! before any scenario (async publish into a scratch stream, then concurrent publish +
-//! pull-consume + ack on a scratch work queue; both streams are deleted afterwards).
+//! pull-consume + ack on a scratch work queue; both streams are deleted afterwards), and the
+//! record floor: the server work SPEC mandates per task done by the plainest client
+//! ([`record_floor`]).
 
 use super::fleet::Target;
 use bytes::Bytes;
-use drover_shared::bench::{RawBaseline, noop_task, raw_baseline};
+use drover_shared::bench::{RawBaseline, noop_task, raw_baseline, record_floor};
 
 /// Largest raw measurement: enough for a steady rate.
 const MAX_MESSAGES: usize = 200_000;
@@ -28,5 +30,13 @@ pub(crate) async fn measure(target: &Target, tasks: usize) -> anyhow::Result<Raw
     })
     .await;
     bar.finish_and_clear();
-    Ok(raw?)
+    let mut raw = raw?;
+    let bar = super::progress(n as u64, "raw record floor");
+    let floor = record_floor(&target.js, &scratch, &bodies, true, |done, _| {
+        bar.set_position(done as u64)
+    })
+    .await;
+    bar.finish_and_clear();
+    raw.record_floor_rate = Some(floor?);
+    Ok(raw)
 }

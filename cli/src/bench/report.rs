@@ -154,6 +154,7 @@ fn show(value: f64, unit: &str) -> String {
         "tasks/s" | "msgs/s" => format!("{} {unit}", thousands(value)),
         "ms" if value < 10.0 => format!("{value:.2} ms"),
         "ms" => format!("{value:.0} ms"),
+        "×" => format!("{value:.2} ×"),
         _ => format!("{value:.1} {unit}"),
     }
 }
@@ -178,7 +179,7 @@ impl Report {
     pub fn render_table(&self) -> String {
         let m = &self.machine;
         let mut out = format!(
-            "machine   {} × {}, {} GiB, Linux {}, load {:.1} at start ({})\nserver    nats-server {} ({})\nraw       publish {} msgs/s, publish+consume+ack {} msgs/s ({} × {} B)\n\n",
+            "machine   {} × {}, {} GiB, Linux {}, load {:.1} at start ({})\nserver    nats-server {} ({})\nraw       publish {} msgs/s, publish+consume+ack {} msgs/s ({} × {} B)\nfloor     {} tasks/s: publish+consume+ack plus a record create and update per task, the least server work SPEC asks of a single submit\n\n",
             m.cpus,
             m.cpu,
             m.memory_gib,
@@ -191,6 +192,9 @@ impl Report {
             thousands(self.raw.publish_consume_rate),
             self.raw.messages,
             self.raw.message_bytes,
+            self.raw
+                .record_floor_rate
+                .map_or_else(|| "not measured".to_owned(), thousands),
         );
         let mut table = Table::new(&[
             ("SCENARIO", 0),
@@ -241,6 +245,12 @@ pub(crate) fn plot(report: &Report, dir: &Path) -> anyhow::Result<Vec<PathBuf>> 
             report.raw.publish_consume_rate,
         ),
     ];
+    if let Some(floor) = report.raw.record_floor_rate {
+        bars.push((
+            "raw record floor (SPEC's server work per task)".to_owned(),
+            floor,
+        ));
+    }
     for s in &report.sections {
         for r in s.rows.iter().filter(|r| r.unit == "tasks/s") {
             bars.push((r.measure.clone(), r.value));
@@ -387,6 +397,7 @@ mod tests {
             message_bytes: 200,
             publish_rate: 100.0,
             publish_consume_rate: 50.0,
+            record_floor_rate: None,
         };
         let r = Row::rate("x", 25.0, &raw);
         assert_eq!(
