@@ -196,7 +196,15 @@ pub struct IntakePull {
     expires: Duration,
     /// Messages the open requests may still bring.
     credit: usize,
+    /// Bytes one request may bring.
+    max_bytes: usize,
 }
+
+/// Bytes one intake pull request may bring (or twice the server's `max_payload`, when that is
+/// larger): arrays make submissions large (100 tasks ≈ 25 KB), and 512 of them in flight would
+/// be 12 MB in the leader's hands. Never below twice the largest message the server accepts: a
+/// message larger than a request's `max_bytes` could never be delivered.
+const PULL_MAX_BYTES: usize = 2 * 1024 * 1024;
 
 /// How long past its `expires` a pull request may stay silent before it is taken for lost: a
 /// request dies without its 408 when the consumer's leader does (a node killed, a leader
@@ -225,6 +233,7 @@ impl IntakePull {
             batch: batch.max(1),
             expires,
             credit: 0,
+            max_bytes: PULL_MAX_BYTES.max(2 * client.server_info().max_payload),
         })
     }
 
@@ -235,6 +244,7 @@ impl IntakePull {
         }
         let cfg = jetstream::consumer::pull::BatchConfig {
             batch: self.batch,
+            max_bytes: self.max_bytes,
             expires: Some(self.expires),
             ..Default::default()
         };

@@ -38,6 +38,21 @@ const INTAKE_PULL_EXPIRES: Duration = Duration::from_secs(1);
 /// Task records written before their acks are awaited.
 const RECORD_WINDOW: usize = 4096;
 
+/// The keyless submissions of one intake chunk go to at most this many partitions per queue
+/// (round-robin and random strategies): consecutive submissions share a turn in runs, so under
+/// load an envelope carries dozens of tasks instead of a handful (a chunk of 512 single
+/// submits over 64 partitions made envelopes of 8), and each envelope's fixed costs — the
+/// worker's delivery, batched record read, outcome message and ack, the leader's outcome
+/// handling — are shared by more tasks. A lone submission (light load) still takes a turn of
+/// its own. Measured: docs/benchmarks.md.
+const KEYLESS_SPREAD: usize = 8;
+
+/// A chunk of intake stops growing at this many submission bytes as well as at
+/// `dispatcher.intake_fetch` messages: 512 arrays of 100 tasks would be 51,200 tasks (and their
+/// records) in hand at once, which is what made a 100k-task array backlog cost the leader
+/// ~150 MiB and stall its outcome handling behind giant chunks.
+const MAX_CHUNK_BYTES: usize = 512 * 1024;
+
 /// Settings of the leader's dispatch pipeline.
 #[derive(Debug, Clone)]
 pub struct LeaderConfig {
@@ -161,19 +176,29 @@ pub async fn lead(
         };
         let Some(first) = first else { break };
         let mut chunk = Vec::with_capacity(64);
+        let mut bytes = 0;
         match first {
-            Ok(m) => chunk.push(m),
+            Ok(m) => {
+                bytes += m.payload.len();
+                chunk.push(m);
+            }
             Err(e) => {
                 debug!(error = %e, "intake pull");
                 tokio::time::sleep(Duration::from_millis(50)).await;
                 continue;
             }
         }
+        let room = |chunk: &Vec<_>, bytes: usize| {
+            chunk.len() < ctx.config.max_chunk && bytes < MAX_CHUNK_BYTES
+        };
         // Take what is already here without waiting: under load chunks grow and batches fill;
         // when idle a lone task leaves at once.
-        while chunk.len() < ctx.config.max_chunk {
+        while room(&chunk, bytes) {
             match intake.next_now() {
-                Some(m) => chunk.push(m),
+                Some(m) => {
+                    bytes += m.payload.len();
+                    chunk.push(m);
+                }
                 None => break,
             }
         }
@@ -181,11 +206,14 @@ pub async fn lead(
         // waiting) keeps collecting for up to `linger`, so envelopes fill across pull
         // batches; an idle one (a lone message) never waits.
         let linger = ctx.config.batcher.linger;
-        if chunk.len() > 1 && chunk.len() < ctx.config.max_chunk && !linger.is_zero() {
+        if chunk.len() > 1 && room(&chunk, bytes) && !linger.is_zero() {
             let until = tokio::time::Instant::now() + linger;
-            while chunk.len() < ctx.config.max_chunk {
+            while room(&chunk, bytes) {
                 match tokio::time::timeout_at(until, intake.next()).await {
-                    Ok(Some(Ok(m))) => chunk.push(m),
+                    Ok(Some(Ok(m))) => {
+                        bytes += m.payload.len();
+                        chunk.push(m);
+                    }
                     Ok(Some(Err(_))) => continue,
                     _ => break,
                 }
@@ -456,6 +484,12 @@ impl Pipeline {
         // Queues seen for the first time get their partitions and consumers.
         let mut routed: Vec<Routed> = Vec::new();
         let mut delayed: Vec<Delayed> = Vec::new();
+        let mut per_queue: HashMap<String, usize> = HashMap::new();
+        for (_, a) in &accepted {
+            *per_queue.entry(a.queue.clone()).or_default() += 1;
+        }
+        // Per queue: the turn of the current run and how many more submissions may share it.
+        let mut runs: HashMap<String, (u32, usize)> = HashMap::new();
         for (i, a) in accepted {
             let partitions = match self.queue(&a.queue).await {
                 Ok(p) => p,
@@ -465,9 +499,24 @@ impl Pipeline {
                     continue;
                 }
             };
-            let turn = self
-                .keyless(&a.queue, partitions, a.tasks.len() as u64)
-                .await;
+            let turn = match runs.get_mut(&a.queue) {
+                Some((turn, left)) if *left > 0 => {
+                    *left -= 1;
+                    *turn
+                }
+                _ => {
+                    let turn = self
+                        .keyless(&a.queue, partitions, a.tasks.len() as u64)
+                        .await;
+                    let run = if self.strategy(&a.queue) == Strategy::LeastLoaded {
+                        1
+                    } else {
+                        per_queue[&a.queue].div_ceil(KEYLESS_SPREAD)
+                    };
+                    runs.insert(a.queue.clone(), (turn, run.saturating_sub(1)));
+                    turn
+                }
+            };
             for (task, plan) in a.tasks.into_iter().zip(a.plans) {
                 if let Some(due_ms) = plan.due_ms {
                     delayed.push(Delayed {
@@ -592,16 +641,20 @@ impl Pipeline {
         Ok(Router::partition(task.key.as_deref(), partitions, turn))
     }
 
-    /// The partition of the keyless tasks (`tasks` of them) of the next submission message of
-    /// `queue`, by the queue's strategy.
-    async fn keyless(&mut self, queue: &str, partitions: u32, tasks: u64) -> u32 {
-        let strategy = self
-            .ctx
+    /// The keyless strategy of `queue`.
+    fn strategy(&self, queue: &str) -> Strategy {
+        self.ctx
             .config
             .queue_strategies
             .get(queue)
             .copied()
-            .unwrap_or(self.ctx.config.strategy);
+            .unwrap_or(self.ctx.config.strategy)
+    }
+
+    /// The partition of the keyless tasks (`tasks` of them) of the next submission message of
+    /// `queue`, by the queue's strategy.
+    async fn keyless(&mut self, queue: &str, partitions: u32, tasks: u64) -> u32 {
+        let strategy = self.strategy(queue);
         let turn = self
             .router
             .keyless(queue, partitions, strategy, rand::random());

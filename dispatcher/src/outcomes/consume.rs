@@ -15,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 /// Outcome messages handled at once.
-const MESSAGES_IN_FLIGHT: usize = 32;
+const MESSAGES_IN_FLIGHT: usize = 16;
 /// Outcomes handled at once, over all messages in hand.
 const OUTCOMES_IN_FLIGHT: usize = 256;
 /// How long a message whose writes failed waits before it comes back.
