@@ -239,10 +239,12 @@ async fn campaign(
     let mut watch = match kv.watch("leader").await {
         Ok(w) => Some(w),
         Err(e) => {
-            warn!(error = %e, "cannot watch the election key; campaigning on the timer only");
+            warn!(error = %e, "cannot watch the election key; campaigning on the timer until it can");
             None
         }
     };
+    // No watch: try again at every tick.
+    let mut rewatch = watch.is_none();
     let mut leading: Option<(CancellationToken, tokio::task::JoinHandle<bool>)> = None;
     // On shutdown: whether the intake was released cleanly, and until when the lease was ours.
     let mut released = false;
@@ -260,26 +262,40 @@ async fn campaign(
             _ = shutdown.cancelled() => Event::Shutdown,
             Some(ev) = rx.recv() => ev,
             _ = tokio::time::sleep_until(deadline) => Event::Tick,
-            Some(entry) = async {
+            entry = async {
                 match watch.as_mut() {
                     Some(w) => w.next().await,
                     None => std::future::pending().await,
                 }
             } => match entry {
-                Ok(e) if e.operation != kv::Operation::Put => {
+                None => {
+                    // The watch ended (its consumer could not be recreated): watch again, or
+                    // campaign on the timer alone until the next tick retries.
+                    warn!("the election watch ended; watching again");
+                    watch = kv.watch("leader").await.ok();
+                    if watch.is_none() {
+                        rewatch = true;
+                    }
+                    continue;
+                }
+                Some(Ok(e)) if e.operation != kv::Operation::Put => {
                     debug!(operation = ?e.operation, revision = e.revision, "lease gone");
                     leaderless_since.get_or_insert_with(Instant::now);
                     Event::KeyGone
                 }
-                Ok(_) => {
+                Some(Ok(_)) => {
                     if let Some(t) = leaderless_since.take() {
                         metrics.leaderless.inc_by(t.elapsed().as_secs_f64());
                     }
                     continue;
                 }
-                Err(_) => continue,
+                Some(Err(_)) => continue,
             },
         };
+        if rewatch && event == Event::Tick {
+            watch = kv.watch("leader").await.ok();
+            rewatch = watch.is_none();
+        }
         let is_shutdown = event == Event::Shutdown;
         if is_shutdown && epoch.is_some() {
             info!(epoch, "shutting down: handing leadership over");
