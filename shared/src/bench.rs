@@ -146,54 +146,15 @@ pub async fn raw_baseline(
         let publish_rate = bodies.len() as f64 / took.as_secs_f64();
         let _ = js.delete_stream(&pub_stream).await;
 
-        let wq = js
-            .create_stream(stream::Config {
-                name: wq_stream.clone(),
-                subjects: vec![format!("{lower}.wq")],
-                storage: stream::StorageType::File,
-                retention: stream::RetentionPolicy::WorkQueue,
-                ..Default::default()
-            })
-            .await
-            .map_err(|e| nats_err("create the raw work-queue stream")(e.to_string()))?;
-        let consumer = wq
-            .create_consumer(consumer::pull::Config {
-                durable_name: Some("bench".into()),
-                ack_policy: consumer::AckPolicy::Explicit,
-                max_ack_pending: 20_000,
-                ..Default::default()
-            })
-            .await
-            .map_err(|e| nats_err("create the raw consumer")(e.to_string()))?;
-        let mut messages = consumer
-            .stream()
-            .max_messages_per_batch(512)
-            .messages()
-            .await
-            .map_err(|e| nats_err("pull from the raw consumer")(e.to_string()))?;
-        let started = Instant::now();
-        let publisher = tokio::spawn({
-            let (js, bodies, subject) = (js.clone(), bodies.to_vec(), format!("{lower}.wq"));
-            async move { publish_all(&js, &subject, bodies, |_| {}).await }
-        });
+        let mut run = WorkQueueRun::start(js, &wq_stream, &format!("{lower}.wq"), bodies).await?;
         for n in 0..bodies.len() {
-            let m = tokio::time::timeout(Duration::from_secs(30), messages.next())
-                .await
-                .map_err(|_| BenchError::Stalled {
-                    what: "raw consume",
-                    secs: 30,
-                })?
-                .ok_or_else(|| nats_err("raw consume")("the consumer stream ended".into()))?
-                .map_err(|e| nats_err("raw consume")(e.to_string()))?;
+            let m = run.next("raw consume").await?;
             m.ack()
                 .await
                 .map_err(|e| nats_err("raw ack")(e.to_string()))?;
             on_progress(bodies.len() + n + 1, total);
         }
-        let took = started.elapsed();
-        publisher
-            .await
-            .map_err(|e| nats_err("raw publisher")(e.to_string()))??;
+        let took = run.finish().await?;
         Ok(RawBaseline {
             messages: bodies.len(),
             message_bytes: bodies.first().map_or(0, Bytes::len),
@@ -206,6 +167,79 @@ pub async fn raw_baseline(
     let _ = js.delete_stream(&pub_stream).await;
     let _ = js.delete_stream(&wq_stream).await;
     result
+}
+
+/// A scratch work-queue stream being filled by a pipelined publisher while a pull consumer
+/// takes from it: the shared half of [`raw_baseline`] and [`record_floor`].
+struct WorkQueueRun {
+    messages: consumer::pull::Stream,
+    publisher: tokio::task::JoinHandle<Result<Duration, BenchError>>,
+    started: Instant,
+}
+
+impl WorkQueueRun {
+    /// Creates work-queue stream `name` on `subject` and its consumer, then starts the clock
+    /// and the publisher of `bodies`.
+    async fn start(
+        js: &jetstream::Context,
+        name: &str,
+        subject: &str,
+        bodies: &[Bytes],
+    ) -> Result<Self, BenchError> {
+        let wq = js
+            .create_stream(stream::Config {
+                name: name.to_owned(),
+                subjects: vec![subject.to_owned()],
+                storage: stream::StorageType::File,
+                retention: stream::RetentionPolicy::WorkQueue,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| nats_err("create a scratch work-queue stream")(e.to_string()))?;
+        let consumer = wq
+            .create_consumer(consumer::pull::Config {
+                durable_name: Some("bench".into()),
+                ack_policy: consumer::AckPolicy::Explicit,
+                max_ack_pending: 20_000,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| nats_err("create a scratch consumer")(e.to_string()))?;
+        let messages = consumer
+            .stream()
+            .max_messages_per_batch(512)
+            .messages()
+            .await
+            .map_err(|e| nats_err("pull from a scratch consumer")(e.to_string()))?;
+        let started = Instant::now();
+        let publisher = tokio::spawn({
+            let (js, bodies, subject) = (js.clone(), bodies.to_vec(), subject.to_owned());
+            async move { publish_all(&js, &subject, bodies, |_| {}).await }
+        });
+        Ok(Self {
+            messages,
+            publisher,
+            started,
+        })
+    }
+
+    /// The next delivery; fails after 30 s without one.
+    async fn next(&mut self, what: &'static str) -> Result<jetstream::Message, BenchError> {
+        tokio::time::timeout(Duration::from_secs(30), self.messages.next())
+            .await
+            .map_err(|_| BenchError::Stalled { what, secs: 30 })?
+            .ok_or_else(|| nats_err(what)("the consumer stream ended".into()))?
+            .map_err(|e| nats_err(what)(e.to_string()))
+    }
+
+    /// The time since the clock started; waits for the publisher and fails with it.
+    async fn finish(self) -> Result<Duration, BenchError> {
+        let took = self.started.elapsed();
+        self.publisher
+            .await
+            .map_err(|e| nats_err("scratch publisher")(e.to_string()))??;
+        Ok(took)
+    }
 }
 
 /// Measures a record floor with `bodies` on scratch streams `<scratch>_FLOOR` (a work queue)
@@ -226,16 +260,6 @@ pub async fn record_floor(
     let lower = scratch.to_lowercase();
     let (wq_stream, rec_stream) = (format!("{upper}_FLOOR"), format!("{upper}_REC"));
     let result = async {
-        let wq = js
-            .create_stream(stream::Config {
-                name: wq_stream.clone(),
-                subjects: vec![format!("{lower}.floor")],
-                storage: stream::StorageType::File,
-                retention: stream::RetentionPolicy::WorkQueue,
-                ..Default::default()
-            })
-            .await
-            .map_err(|e| nats_err("create the floor work-queue stream")(e.to_string()))?;
         js.create_stream(stream::Config {
             name: rec_stream.clone(),
             subjects: vec![format!("{lower}.rec.>")],
@@ -246,26 +270,8 @@ pub async fn record_floor(
         })
         .await
         .map_err(|e| nats_err("create the floor record stream")(e.to_string()))?;
-        let consumer = wq
-            .create_consumer(consumer::pull::Config {
-                durable_name: Some("floor".into()),
-                ack_policy: consumer::AckPolicy::Explicit,
-                max_ack_pending: 20_000,
-                ..Default::default()
-            })
-            .await
-            .map_err(|e| nats_err("create the floor consumer")(e.to_string()))?;
-        let mut messages = consumer
-            .stream()
-            .max_messages_per_batch(512)
-            .messages()
-            .await
-            .map_err(|e| nats_err("pull from the floor consumer")(e.to_string()))?;
-        let started = Instant::now();
-        let publisher = tokio::spawn({
-            let (js, bodies, subject) = (js.clone(), bodies.to_vec(), format!("{lower}.floor"));
-            async move { publish_all(&js, &subject, bodies, |_| {}).await }
-        });
+        let mut run =
+            WorkQueueRun::start(js, &wq_stream, &format!("{lower}.floor"), bodies).await?;
         // The record writes get a context (and PubAck window) of their own: sharing the
         // publisher's would deadlock, each side holding permits the other waits for.
         let records = js_context(js.client());
@@ -289,14 +295,7 @@ pub async fn record_floor(
                 .map_err(|e| nats_err("floor ack")(e.to_string()))
         };
         for n in 0..bodies.len() {
-            let m = tokio::time::timeout(Duration::from_secs(30), messages.next())
-                .await
-                .map_err(|_| BenchError::Stalled {
-                    what: "floor consume",
-                    secs: 30,
-                })?
-                .ok_or_else(|| nats_err("floor consume")("the consumer stream ended".into()))?
-                .map_err(|e| nats_err("floor consume")(e.to_string()))?;
+            let m = run.next("floor consume").await?;
             let subject = format!("{lower}.rec.{n}");
             let mut expect_none = async_nats::HeaderMap::new();
             expect_none.insert("Nats-Expected-Last-Subject-Sequence", "0");
@@ -328,10 +327,7 @@ pub async fn record_floor(
             acked += 1;
             on_progress(acked, bodies.len());
         }
-        let took = started.elapsed();
-        publisher
-            .await
-            .map_err(|e| nats_err("floor publisher")(e.to_string()))??;
+        let took = run.finish().await?;
         Ok(bodies.len() as f64 / took.as_secs_f64())
     }
     .await;
