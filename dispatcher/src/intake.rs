@@ -143,6 +143,24 @@ pub enum Strategy {
     LeastLoaded,
 }
 
+/// The keyless submissions of one intake chunk go to at most this many partitions per queue
+/// (round-robin and random strategies): consecutive submissions share a turn in runs, so under
+/// load an envelope carries dozens of tasks instead of a handful (a chunk of 512 single
+/// submits over 64 partitions made envelopes of 8), and each envelope's fixed costs — the
+/// worker's delivery, batched record read, outcome message and ack, the leader's outcome
+/// handling — are shared by more tasks. Measured: docs/benchmarks.md.
+pub const KEYLESS_SPREAD: usize = 8;
+
+/// How many consecutive submissions of a queue share one keyless turn when a chunk holds
+/// `submissions` of them: enough that the chunk takes at most [`KEYLESS_SPREAD`] turns, and 1
+/// for a lone submission (light load) or for `least_loaded`, which weighs every submission.
+pub fn run_length(submissions: usize, strategy: Strategy) -> usize {
+    match strategy {
+        Strategy::LeastLoaded => 1,
+        Strategy::RoundRobin | Strategy::Random => submissions.div_ceil(KEYLESS_SPREAD).max(1),
+    }
+}
+
 /// Partition choice per queue: keyed tasks by FNV-1a of the key, keyless ones by the strategy.
 #[derive(Debug, Default)]
 pub struct Router {
@@ -184,6 +202,29 @@ impl Router {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_chunk_of_keyless_submissions_takes_at_most_eight_turns() {
+        assert_eq!(
+            run_length(1, Strategy::RoundRobin),
+            1,
+            "a lone one: own turn"
+        );
+        assert_eq!(run_length(8, Strategy::RoundRobin), 1);
+        assert_eq!(run_length(9, Strategy::RoundRobin), 2);
+        assert_eq!(run_length(512, Strategy::Random), 64);
+        assert_eq!(run_length(512, Strategy::LeastLoaded), 1);
+        // 512 submissions, one turn per run: 8 distinct partitions of 64, 64 tasks each.
+        let mut r = Router::default();
+        let run = run_length(512, Strategy::RoundRobin);
+        let mut turns = Vec::new();
+        for i in 0..512 {
+            if i % run == 0 {
+                turns.push(r.keyless("q", 64, Strategy::RoundRobin, 0));
+            }
+        }
+        assert_eq!(turns, (0..8).collect::<Vec<u32>>());
+    }
 
     const LIMITS: IntakeLimits = IntakeLimits {
         max_payload: 1 << 20,

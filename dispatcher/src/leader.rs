@@ -38,15 +38,6 @@ const INTAKE_PULL_EXPIRES: Duration = Duration::from_secs(1);
 /// Task records written before their acks are awaited.
 const RECORD_WINDOW: usize = 4096;
 
-/// The keyless submissions of one intake chunk go to at most this many partitions per queue
-/// (round-robin and random strategies): consecutive submissions share a turn in runs, so under
-/// load an envelope carries dozens of tasks instead of a handful (a chunk of 512 single
-/// submits over 64 partitions made envelopes of 8), and each envelope's fixed costs — the
-/// worker's delivery, batched record read, outcome message and ack, the leader's outcome
-/// handling — are shared by more tasks. A lone submission (light load) still takes a turn of
-/// its own. Measured: docs/benchmarks.md.
-const KEYLESS_SPREAD: usize = 8;
-
 /// A chunk of intake stops growing at this many submission bytes as well as at
 /// `dispatcher.intake_fetch` messages: 512 arrays of 100 tasks would be 51,200 tasks (and their
 /// records) in hand at once, which is what made a 100k-task array backlog cost the leader
@@ -488,7 +479,8 @@ impl Pipeline {
         for (_, a) in &accepted {
             *per_queue.entry(a.queue.clone()).or_default() += 1;
         }
-        // Per queue: the turn of the current run and how many more submissions may share it.
+        // Per queue: the turn of the current run and how many more submissions may share it
+        // (`intake::run_length`).
         let mut runs: HashMap<String, (u32, usize)> = HashMap::new();
         for (i, a) in accepted {
             let partitions = match self.queue(&a.queue).await {
@@ -508,12 +500,8 @@ impl Pipeline {
                     let turn = self
                         .keyless(&a.queue, partitions, a.tasks.len() as u64)
                         .await;
-                    let run = if self.strategy(&a.queue) == Strategy::LeastLoaded {
-                        1
-                    } else {
-                        per_queue[&a.queue].div_ceil(KEYLESS_SPREAD)
-                    };
-                    runs.insert(a.queue.clone(), (turn, run.saturating_sub(1)));
+                    let run = intake::run_length(per_queue[&a.queue], self.strategy(&a.queue));
+                    runs.insert(a.queue.clone(), (turn, run - 1));
                     turn
                 }
             };
