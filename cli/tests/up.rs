@@ -82,3 +82,71 @@ fn unreachable_nats_exits_with_code_3() {
     assert!(stderr.contains("cannot connect to NATS"), "{stderr}");
     assert_eq!(stderr.trim().lines().count(), 1, "one clear line: {stderr}");
 }
+
+/// `drover up` stopped by SIGTERM (a service manager, `kill`) stops the fleet and the server it
+/// started, as Ctrl-C does, instead of dying and leaving them running.
+#[test]
+fn sigterm_stops_the_fleet_it_started() {
+    use std::time::{Duration, Instant};
+    let dir = tempfile::tempdir().unwrap();
+    let (port, monitor) = (free_port(), free_port());
+    let out_path = dir.path().join("up.out");
+    let mut up = Command::new(drover_bin("drover"))
+        .args(["up", "--status-every", "0", "--port", &port.to_string()])
+        .args(["--monitor-port", &monitor.to_string()])
+        .arg("--dir")
+        .arg(dir.path().join("fleet"))
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .env_remove("DROVER_KEYS")
+        .stdout(std::fs::File::create(&out_path).unwrap())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !std::fs::read_to_string(&out_path)
+        .unwrap_or_default()
+        .contains("Running; press Ctrl-C")
+    {
+        assert!(Instant::now() < deadline, "drover up never ran");
+        assert!(up.try_wait().unwrap().is_none(), "drover up exited early");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let pid = up.id();
+    let children: Vec<u32> = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+        .unwrap()
+        .split_whitespace()
+        .map(|p| p.parse().unwrap())
+        .collect();
+    assert_eq!(
+        children.len(),
+        5,
+        "a server, 2 dispatchers, 2 workers: {children:?}"
+    );
+    let killed = Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(s) = up.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "drover up did not stop on SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(status.success(), "{status:?}");
+    for child in children {
+        assert!(
+            !std::path::Path::new(&format!("/proc/{child}")).exists(),
+            "process {child} outlived drover up"
+        );
+    }
+    assert!(
+        TcpListener::bind(("127.0.0.1", port)).is_ok(),
+        "nats-server still listening"
+    );
+}

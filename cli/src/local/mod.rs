@@ -361,9 +361,9 @@ async fn fleet(args: &UpArgs, names: &Names) -> anyhow::Result<ExitCode> {
             return Ok(ExitCode::SUCCESS);
         }
         println!("Running; press Ctrl-C to stop.");
-        let stop = async {
-            let _ = tokio::signal::ctrl_c().await;
-        };
+        // SIGTERM too (a service manager, `kill`): stopping here stops the fleet and server
+        // below; dying by the default action would leave them running.
+        let stop = drover_shared::ops::service::stop_requested();
         if args.status_every == 0 {
             stop.await;
         } else {

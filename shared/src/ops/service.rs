@@ -92,6 +92,19 @@ where
     })
 }
 
+/// Returns at the first SIGTERM or SIGINT (never, when the handlers cannot be installed): for
+/// foreground commands that stop what they started, such as `drover up`.
+pub async fn stop_requested() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        return std::future::pending().await;
+    };
+    tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
+}
+
 /// First SIGTERM/SIGINT: cancel `shutdown`. Second: exit at once.
 async fn signals(shutdown: CancellationToken) {
     use tokio::signal::unix::{SignalKind, signal};
