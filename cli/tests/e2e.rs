@@ -2,8 +2,8 @@
 //! in a temporary directory (its own nats-server, two dispatchers, two workers); tasks submitted
 //! with the CLI, with nats-py (the Python example, installed from PyPI) and with a raw async-nats
 //! JetStream publish all complete; the CLI's views (`status`, `wait`, `tasks`, `workers`,
-//! `leader`, `queues`, `dlq ls`) show what happened; Ctrl-C stops everything and leaves no
-//! process behind.
+//! `leader`, `queues`, `dlq ls`) show what happened; Ctrl-C (and, in a test of its own, SIGTERM)
+//! stops everything and leaves no process behind.
 
 mod common;
 
@@ -80,6 +80,23 @@ impl Up {
                     self.seen.join("\n")
                 ),
             }
+        }
+    }
+
+    /// Sends `signal` and waits (30 s at most) for `drover up` to exit.
+    fn stop_with(&mut self, signal: libc::c_int, name: &str) -> std::process::ExitStatus {
+        // SAFETY: sending a signal to our own child.
+        unsafe { libc::kill(self.child.id() as i32, signal) };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                return s;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "drover up did not stop on {name}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
         }
     }
 }
@@ -245,25 +262,43 @@ fn a_local_fleet_runs_tasks_from_every_kind_of_client_and_stops_cleanly() {
         .unwrap_or(0);
 
     // Ctrl-C: everything stops, nothing is left behind.
-    // SAFETY: sending SIGINT to our own child.
-    unsafe { libc::kill(up.child.id() as i32, libc::SIGINT) };
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let status = loop {
-        if let Some(s) = up.child.try_wait().unwrap() {
-            break s;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "drover up did not stop on Ctrl-C"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let status = up.stop_with(libc::SIGINT, "Ctrl-C");
     assert!(status.success(), "drover up exited {status:?}");
     for pid in pids
         .iter()
         .chain(std::iter::once(&server_pid).filter(|p| **p != 0))
     {
         assert!(!alive(*pid), "process {pid} outlived drover up");
+    }
+    assert!(
+        TcpListener::bind(("127.0.0.1", port)).is_ok(),
+        "nats-server still listening"
+    );
+}
+
+/// SIGTERM (`kill`, a service manager) stops the fleet and the server `drover up` started, as
+/// Ctrl-C does, instead of killing it and leaving them running.
+#[test]
+fn sigterm_stops_the_fleet_drover_up_started() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let mut up = Up::start(dir.path(), port, free_port());
+    up.until("Running; press Ctrl-C", Duration::from_secs(60));
+    let pid = up.child.id();
+    let children: Vec<u32> = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+        .unwrap()
+        .split_whitespace()
+        .map(|p| p.parse().unwrap())
+        .collect();
+    assert_eq!(
+        children.len(),
+        5,
+        "a server, 2 dispatchers, 2 workers: {children:?}"
+    );
+    let status = up.stop_with(libc::SIGTERM, "SIGTERM");
+    assert!(status.success(), "drover up exited {status:?}");
+    for child in children {
+        assert!(!alive(child), "process {child} outlived drover up");
     }
     assert!(
         TcpListener::bind(("127.0.0.1", port)).is_ok(),
