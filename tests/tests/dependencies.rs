@@ -302,6 +302,16 @@ impl Rig {
 /// A deterministic layered DAG: `levels` × `width` tasks; each task below the first level
 /// depends on 1..=3 tasks of the level above (fan-in), and every task above has at least one
 /// child (fan-out).
+/// The array submission of `tasks` (from [`dag`]) as `sleep` tasks of `ms` each, and their ids.
+fn sleep_tasks(tasks: &[(String, Vec<String>)], ms: u64) -> (Value, Vec<String>) {
+    let body = tasks
+        .iter()
+        .map(|(id, deps)| json!({"id": id, "type": "sleep", "payload": {"ms": ms}, "depends_on": deps}))
+        .collect();
+    let ids = tasks.iter().map(|(id, _)| id.clone()).collect();
+    (Value::Array(body), ids)
+}
+
 fn dag(prefix: &str, levels: usize, width: usize) -> Vec<(String, Vec<String>)> {
     let mut seed: u64 = 0x9e37_79b9_7f4a_7c15;
     let mut next = move || {
@@ -392,14 +402,8 @@ async fn dependents_on_few_partitions_queue_behind_siblings() {
 async fn release_latency_of_a_dag(partitions: u32) -> Vec<i64> {
     let rig = Rig::start_with(1, 3, partitions).await;
     let tasks = dag("rel", 10, 20);
-    let body: Vec<Value> = tasks
-        .iter()
-        .map(|(id, deps)| {
-            json!({"id": id, "type": "sleep", "payload": {"ms": 20}, "depends_on": deps})
-        })
-        .collect();
-    let ids: Vec<String> = tasks.iter().map(|(id, _)| id.clone()).collect();
-    rig.submit(Value::Array(body)).await;
+    let (body, ids) = sleep_tasks(&tasks, 20);
+    rig.submit(body).await;
     let records = rig.wait_terminal(&ids, Duration::from_secs(60)).await;
     for id in &ids {
         assert_eq!(records[id].state, TaskState::Succeeded, "{:?}", records[id]);
@@ -424,15 +428,9 @@ async fn release_latency_of_a_dag(partitions: u32) -> Vec<i64> {
 async fn a_dag_completes_in_dependency_order_across_a_leader_kill() {
     let rig = Rig::start(2, 3).await;
     let tasks = dag("dag", 10, 10);
-    let body: Vec<Value> = tasks
-        .iter()
-        .map(|(id, deps)| {
-            json!({"id": id, "type": "sleep", "payload": {"ms": 60}, "depends_on": deps})
-        })
-        .collect();
-    let ids: Vec<String> = tasks.iter().map(|(id, _)| id.clone()).collect();
+    let (body, ids) = sleep_tasks(&tasks, 60);
     let first = rig.leader(None, Duration::from_secs(5)).await;
-    rig.submit(Value::Array(body)).await;
+    rig.submit(body).await;
 
     // Held tasks show `scheduled` (the last level waits for nine levels).
     let r = rig
