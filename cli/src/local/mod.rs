@@ -360,10 +360,11 @@ async fn fleet(args: &UpArgs, names: &Names) -> anyhow::Result<ExitCode> {
             demo::run(&client, names).await?;
             return Ok(ExitCode::SUCCESS);
         }
-        println!("Running; press Ctrl-C to stop.");
         // SIGTERM too (a service manager, `kill`): stopping here stops the fleet and server
-        // below; dying by the default action would leave them running.
+        // below; dying by the default action would leave them running. Handlers first, then
+        // the line that tells a supervisor (or a test) it may signal.
         let stop = drover_shared::ops::service::stop_requested();
+        println!("Running; press Ctrl-C to stop.");
         if args.status_every == 0 {
             stop.await;
         } else {

@@ -92,17 +92,23 @@ where
     })
 }
 
-/// Returns at the first SIGTERM or SIGINT (never, when the handlers cannot be installed): for
-/// foreground commands that stop what they started, such as `drover up`.
-pub async fn stop_requested() {
+/// A future that completes at the first SIGTERM or SIGINT (never, when the handlers cannot be
+/// installed): for foreground commands that stop what they started, such as `drover up`. The
+/// handlers are installed by this call, not when the future is first polled, so a signal sent
+/// right after the caller announced itself is not left to the default action (which kills).
+/// Call it within a Tokio runtime.
+pub fn stop_requested() -> impl std::future::Future<Output = ()> {
     use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (
+    let handlers = (
         signal(SignalKind::terminate()),
         signal(SignalKind::interrupt()),
-    ) else {
-        return std::future::pending().await;
-    };
-    tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
+    );
+    async move {
+        let (Ok(mut term), Ok(mut int)) = handlers else {
+            return std::future::pending().await;
+        };
+        tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
+    }
 }
 
 /// First SIGTERM/SIGINT: cancel `shutdown`. Second: exit at once.
