@@ -103,6 +103,12 @@ impl BatchEnd {
 /// Handles one delivered envelope to its end.
 pub async fn process(shared: &Arc<Shared>, msg: jetstream::Message, origin: &Origin) -> BatchEnd {
     let end = process_inner(shared, msg, origin).await;
+    if end == BatchEnd::Abandoned {
+        info!(
+            partition = origin.partition,
+            "batch abandoned while fenced: neither acked nor NAKed, it comes back after ack_wait"
+        );
+    }
     shared
         .metrics
         .batches

@@ -49,15 +49,24 @@ impl RunConfig {
     }
 }
 
-/// The fence as the rest of the worker sees it: a [`Fence`] behind a lock, plus a token per
-/// unfenced period that is cancelled the moment the worker fences (which cancels every
-/// attempt started in that period and tells their batches not to ack).
+/// The fence as the rest of the worker sees it: a [`Fence`] and the token of the current
+/// unfenced period behind one lock. The token is cancelled the moment the worker fences (which
+/// cancels every attempt started in that period and tells their batches not to ack).
+///
+/// A transition and its token change happen under the same lock: were the heartbeat's unfence
+/// and a concurrent fence applied out of order, the worker would be left unfenced with a
+/// cancelled token, silently abandoning every batch it received from then on.
 #[derive(Debug)]
 pub struct Gate {
-    fence: Mutex<Fence>,
-    period: Mutex<CancellationToken>,
+    state: Mutex<GateState>,
     fenced_tx: watch::Sender<bool>,
     metrics: Arc<WorkerMetrics>,
+}
+
+#[derive(Debug)]
+struct GateState {
+    fence: Fence,
+    period: CancellationToken,
 }
 
 impl Gate {
@@ -67,29 +76,33 @@ impl Gate {
         period.cancel();
         metrics.fenced.set(1);
         Self {
-            fence: Mutex::new(Fence::new(ttl, margin)),
-            period: Mutex::new(period),
+            state: Mutex::new(GateState {
+                fence: Fence::new(ttl, margin),
+                period,
+            }),
             fenced_tx: watch::channel(true).0,
             metrics,
         }
     }
 
-    fn apply(&self, action: Option<FenceAction>) {
+    fn lock(&self) -> std::sync::MutexGuard<'_, GateState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Applies `action` to the token and the watchers; called with the state locked.
+    fn apply(&self, state: &mut GateState, action: Option<FenceAction>) {
         match action {
             Some(FenceAction::Fence) => {
                 warn!(
                     "no successful heartbeat within TTL - margin: fenced (starting and acking nothing)"
                 );
-                self.period
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .cancel();
+                state.period.cancel();
                 self.metrics.fenced.set(1);
                 self.metrics.fence_events.inc();
                 self.fenced_tx.send_replace(true);
             }
             Some(FenceAction::Unfence) => {
-                *self.period.lock().unwrap_or_else(|e| e.into_inner()) = CancellationToken::new();
+                state.period = CancellationToken::new();
                 self.metrics.fenced.set(0);
                 self.fenced_tx.send_replace(false);
                 info!("heartbeat registered: not fenced");
@@ -101,55 +114,39 @@ impl Gate {
     /// The token of the current unfenced period, if the worker may act now (fencing first if
     /// time ran out). Attempts and batches started now hold it.
     pub fn period(&self) -> Option<CancellationToken> {
-        if !self.may_act() {
-            return None;
-        }
-        Some(
-            self.period
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .clone(),
-        )
+        let now = Instant::now();
+        let mut state = self.lock();
+        let action = state.fence.check(now);
+        self.apply(&mut state, action);
+        state.fence.may_act(now).then(|| state.period.clone())
     }
 
     /// `true` if the worker may start, publish or ack right now; fences if time ran out.
     pub fn may_act(&self) -> bool {
         let now = Instant::now();
-        let (ok, action) = {
-            let mut f = self.fence.lock().unwrap_or_else(|e| e.into_inner());
-            let action = f.check(now);
-            (f.may_act(now), action)
-        };
-        self.apply(action);
-        ok
+        let mut state = self.lock();
+        let action = state.fence.check(now);
+        self.apply(&mut state, action);
+        state.fence.may_act(now)
     }
 
     /// A heartbeat sent at `sent_at` succeeded.
     pub fn heartbeat_ok(&self, sent_at: Instant) {
-        let action = self
-            .fence
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .on_heartbeat_ok(sent_at, Instant::now());
-        self.apply(action);
+        let mut state = self.lock();
+        let action = state.fence.on_heartbeat_ok(sent_at, Instant::now());
+        self.apply(&mut state, action);
     }
 
     /// A heartbeat failed.
     pub fn heartbeat_failed(&self) {
-        let action = self
-            .fence
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .on_heartbeat_failed(Instant::now());
-        self.apply(action);
+        let mut state = self.lock();
+        let action = state.fence.on_heartbeat_failed(Instant::now());
+        self.apply(&mut state, action);
     }
 
     /// When the fence falls without another successful heartbeat.
     pub fn deadline(&self) -> Option<Instant> {
-        self.fence
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .deadline()
+        self.lock().fence.deadline()
     }
 
     /// Waits until the worker is not fenced.
@@ -267,5 +264,59 @@ impl Shared {
             }
             None => false,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use drover_shared::ops::Metrics;
+
+    fn gate(ttl: Duration) -> Gate {
+        let mut registry = Metrics::new("worker", "test");
+        Gate::new(
+            ttl,
+            Duration::ZERO,
+            Arc::new(WorkerMetrics::register(&mut registry)),
+        )
+    }
+
+    /// The heartbeat that lifts the fence and the check that raises it race when a stopped
+    /// process wakes (the watchdog and the heartbeat tick fire together). Whatever their order,
+    /// the token must agree with the fence: an unfenced worker holding a cancelled token would
+    /// abandon every batch it received, without a word.
+    #[test]
+    fn racing_fence_and_unfence_leave_the_token_consistent() {
+        let gate = Arc::new(gate(Duration::from_millis(50)));
+        for round in 0..5_000 {
+            {
+                // Unfenced, with the last heartbeat long expired: the next check fences.
+                let past = Instant::now() - Duration::from_millis(200);
+                let mut state = gate.lock();
+                state.fence = Fence::new(Duration::from_millis(50), Duration::ZERO);
+                state.fence.on_heartbeat_ok(past, past);
+                state.period = CancellationToken::new();
+            }
+            let start = Arc::new(std::sync::Barrier::new(2));
+            let checker = {
+                let (gate, start) = (gate.clone(), start.clone());
+                std::thread::spawn(move || {
+                    start.wait();
+                    gate.may_act();
+                })
+            };
+            start.wait();
+            gate.heartbeat_ok(Instant::now());
+            checker.join().unwrap();
+            let state = gate.lock();
+            assert_eq!(
+                state.fence.is_fenced(),
+                state.period.is_cancelled(),
+                "round {round}: fenced = {}, token cancelled = {}",
+                state.fence.is_fenced(),
+                state.period.is_cancelled()
+            );
+        }
+        assert!(gate.period().is_some_and(|p| !p.is_cancelled()));
     }
 }
