@@ -61,6 +61,13 @@ pub struct Outcome {
     pub started_ms: i64,
     /// When the attempt ended, ms since the Unix epoch.
     pub finished_ms: i64,
+    /// The revision of the task's record as this attempt last saw it (read when the batch
+    /// arrived, or written as `running`), when the worker knows it. The leader writes the
+    /// terminal record of a success by compare-and-set over it without reading the record first;
+    /// if anyone wrote since, the write conflicts and the leader reads and decides again. Absent:
+    /// the leader reads.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revision: Option<u64>,
 }
 
 impl Outcome {
@@ -79,6 +86,7 @@ impl Outcome {
             error: None,
             started_ms,
             finished_ms,
+            revision: None,
         }
     }
 
@@ -91,6 +99,7 @@ impl Outcome {
             error: Some(error),
             started_ms,
             finished_ms,
+            revision: None,
         }
     }
 
@@ -107,7 +116,16 @@ impl Outcome {
             }),
             started_ms,
             finished_ms,
+            revision: None,
         }
+    }
+
+    /// The same outcome carrying the record revision the attempt last saw (see
+    /// [`Outcome::revision`]).
+    #[must_use]
+    pub fn with_revision(mut self, revision: Option<u64>) -> Self {
+        self.revision = revision;
+        self
     }
 
     /// Duration of the attempt in milliseconds (0 if the clock went backwards).

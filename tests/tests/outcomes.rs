@@ -534,3 +534,57 @@ async fn cancelled_records_are_never_overwritten() {
     assert_eq!(rig.count_attempts("c2", 2).await, 0);
     assert_eq!(rig.record("c2").await.unwrap().1, rev);
 }
+
+/// A success carrying the record revision its worker read is written over that revision
+/// unread; when the record changed since (a cancel, the same outcome recorded already), the
+/// compare-and-set conflicts and the leader decides on the record as it is.
+#[tokio::test]
+async fn a_success_carrying_its_revision_is_recorded_and_a_stale_one_changes_nothing() {
+    let mut rig = Rig::start(1).await;
+    rig.submit(json!({"id": "rv1", "type": "echo"})).await;
+    let r = rig.wait_attempt("rv1", 1, T).await;
+    let (queued, read) = rig.wait_state("rv1", TaskState::Queued, T).await;
+    let now = now_ms();
+    let success = |result: &str| {
+        Outcome::succeeded(
+            r.task.clone(),
+            serde_json::value::RawValue::from_string(result.to_owned()).unwrap(),
+            now - 5,
+            now,
+        )
+        .with_revision(Some(read))
+    };
+    rig.report(&r, vec![success("1")]).await;
+    let (rec, rev) = rig.wait_state("rv1", TaskState::Succeeded, T).await;
+    assert!(rev > read);
+    assert_eq!(rec.result.as_ref().unwrap().get(), "1");
+    assert_eq!(rec.submitted_at, queued.submitted_at);
+    assert_eq!(
+        (rec.attempt, rec.worker.as_deref(), rec.partition),
+        (1, Some("w1"), Some(r.partition))
+    );
+    // The same outcome again, over the revision it read: a conflict, then a duplicate.
+    rig.report(&r, vec![success("2")]).await;
+    rig.outcomes_drained().await;
+    let (again, rev2) = rig.record("rv1").await.unwrap();
+    assert_eq!(rev2, rev, "a duplicate outcome must not write");
+    assert_eq!(again.result.unwrap().get(), "1");
+
+    // Cancelled after the worker read the record: the success does not overwrite it.
+    rig.submit(json!({"id": "rv2", "type": "echo"})).await;
+    let r = rig.wait_attempt("rv2", 1, T).await;
+    let (_, read) = rig.wait_state("rv2", TaskState::Queued, T).await;
+    let reply = rig.ask("cancel", json!({"id": "rv2"})).await;
+    assert_eq!(reply["ok"], true, "{reply}");
+    let (_, cancelled) = rig.wait_state("rv2", TaskState::Cancelled, T).await;
+    let now = now_ms();
+    let raw = serde_json::value::RawValue::from_string("1".to_owned()).unwrap();
+    rig.report(
+        &r,
+        vec![Outcome::succeeded(r.task.clone(), raw, now - 5, now).with_revision(Some(read))],
+    )
+    .await;
+    rig.outcomes_drained().await;
+    let (rec, rev) = rig.record("rv2").await.unwrap();
+    assert_eq!((rec.state, rev), (TaskState::Cancelled, cancelled));
+}

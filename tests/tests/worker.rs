@@ -1050,6 +1050,48 @@ async fn progress_is_written_into_the_running_record() {
         .unwrap();
 }
 
+/// An outcome carries the revision of the task's record as its attempt last saw it, so the leader
+/// can write the terminal record over it without reading first: the `running` record's revision
+/// when the worker wrote it, the `queued` one when it wrote nothing.
+#[tokio::test]
+async fn outcomes_carry_the_record_revision_the_attempt_last_saw() {
+    let mut f = Fixture::start().await;
+    f.queue("rq", 1).await;
+    let handler = |_ctx: drover_worker::TaskContext, _p: serde_json::Value| async move {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        Ok::<_, HandlerError>(serde_json::Value::Null)
+    };
+    let shutdown = CancellationToken::new();
+    let w = Worker::builder(f.settings("rq-a", "rq"))
+        .handler("nap", handler)
+        .build()
+        .unwrap();
+    let h = tokio::spawn(w.run(shutdown.clone()));
+    f.wait_workers(&["rq-a"], &[]).await;
+    f.assign("rq", 1, 1, &[(0, "rq-a".to_owned())].into()).await;
+    f.dispatch(
+        "rq",
+        0,
+        &[task("rq-1", "rq", "nap", serde_json::Value::Null, None)],
+    )
+    .await;
+    f.wait_outcomes(Duration::from_secs(10), "rq-1", &[], |o| {
+        o.iter().any(|(_, o)| o.task.id == "rq-1")
+    })
+    .await;
+    // No leader here: the record is still the worker's `running` write.
+    let entry = f.kv("tasks").await.entry("rq-1").await.unwrap().unwrap();
+    let record: TaskRecord = serde_json::from_slice(&entry.value).unwrap();
+    assert_eq!(record.state, TaskState::Running);
+    assert_eq!(f.outcomes_of("rq-1")[0].1.revision, Some(entry.revision));
+    shutdown.cancel();
+    tokio::time::timeout(Duration::from_secs(10), h)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+}
+
 impl Fixture {
     /// Publishes a task's envelope without touching its record (a retry's record is the leader's).
     async fn publish_raw_task(&self, t: &Task) {

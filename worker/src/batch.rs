@@ -24,7 +24,7 @@ use drover_shared::task::{ErrorKind, Task, TaskError, TaskRecord, TaskState};
 use futures::StreamExt;
 use std::collections::HashSet;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -638,17 +638,20 @@ async fn run_one(
     };
     let attempt_done = CancellationToken::new();
     let _attempt_done = attempt_done.clone().drop_guard();
+    // The record's revision as this attempt knows it, for the outcome (0: unknown).
+    let revision = Arc::new(AtomicU64::new(record.as_ref().map_or(0, |(_, r)| *r)));
     if shared.cfg.track_running
-        && let Some((record, revision)) = record
+        && let Some((record, read)) = record
     {
         let defer = (shared.in_hand.load(Ordering::Relaxed) > LIGHT_LOAD).then_some(RUNNING_DEFER);
         write_running(
             shared,
             &task,
             partition,
-            (record, revision),
+            (record, read),
             started,
             defer.map(|d| (d, attempt_done)),
+            revision.clone(),
         );
     }
     shared.running.fetch_add(1, Ordering::Relaxed);
@@ -705,6 +708,10 @@ async fn run_one(
         ),
         End::Fenced | End::Killed => return None,
     };
+    let outcome = outcome.with_revision(match revision.load(Ordering::Acquire) {
+        0 => None,
+        r => Some(r),
+    });
     count_outcome(shared, &outcome);
     Some(outcome)
 }
@@ -712,6 +719,9 @@ async fn run_one(
 /// Writes `running` by compare-and-set on the revision read at receipt, in the background;
 /// a conflict (the leader or a cancel wrote meanwhile) skips it. With `defer = (d, done)` the
 /// write waits `d` first and is dropped if the attempt finished (`done` fired) by then.
+/// `known` holds the record's revision for the outcome: 0 (unknown) while the write is in
+/// flight or after it failed, the new revision once it landed.
+#[allow(clippy::too_many_arguments)]
 fn write_running(
     shared: &Arc<Shared>,
     task: &Task,
@@ -719,6 +729,7 @@ fn write_running(
     (mut record, revision): (TaskRecord, u64),
     started: i64,
     defer: Option<(Duration, CancellationToken)>,
+    known: Arc<AtomicU64>,
 ) {
     if record.state.is_terminal() {
         return;
@@ -745,8 +756,10 @@ fn write_running(
         let Ok(body) = serde_json::to_vec(&record) else {
             return;
         };
-        if let Err(e) = kv.update(&id, body.into(), revision).await {
-            debug!(task_id = %id, error = %e, "running record skipped");
+        known.store(0, Ordering::Release);
+        match kv.update(&id, body.into(), revision).await {
+            Ok(written) => known.store(written, Ordering::Release),
+            Err(e) => debug!(task_id = %id, error = %e, "running record skipped"),
         }
     });
 }

@@ -66,6 +66,24 @@ pub async fn consume(
     Ok(())
 }
 
+/// The record to decide a success on without reading it: the revision its worker saw, with no
+/// record. Sound because the worker ran the attempt only on a record that did not have it
+/// recorded yet, and the write is a compare-and-set over that revision: if anyone wrote since
+/// (a cancel, a duplicate of this outcome already recorded), it conflicts and the record is read
+/// and decided on again. The record written is built from the outcome's task either way
+/// ([`decide`] takes only `submitted_at` from the old record, which the task carries too).
+/// Failures and cancellations are always read: they may schedule a retry or a DLQ copy before
+/// the record write, which must be decided on the record as it is.
+fn known_revision(outcome: &Outcome) -> Option<Current> {
+    match (outcome.status, outcome.revision) {
+        (OutcomeStatus::Succeeded, Some(revision)) if revision > 0 => Some(Current {
+            record: None,
+            revision,
+        }),
+        _ => None,
+    }
+}
+
 /// What one outcome came to.
 enum Done {
     Handled,
@@ -90,10 +108,19 @@ impl Handler {
                 return;
             }
         };
-        let mut first_reads = self.records.read_many(&decoded.outcomes).await;
+        // A success whose worker knew the record's revision is written over it unread (see
+        // `known_revision`); the rest are read, in one batched read when there are several.
+        let unread: Vec<_> = decoded
+            .outcomes
+            .iter()
+            .filter(|o| known_revision(o).is_none())
+            .cloned()
+            .collect();
+        let mut first_reads = self.records.read_many(&unread).await;
         let results: Vec<Result<(), String>> =
             futures::future::join_all(decoded.outcomes.iter().map(|o| {
-                let first = first_reads.as_mut().and_then(|m| m.remove(&o.task.id));
+                let first = known_revision(o)
+                    .or_else(|| first_reads.as_mut().and_then(|m| m.remove(&o.task.id)));
                 self.bounded(&decoded, o, first)
             }))
             .await;
