@@ -185,8 +185,8 @@ pub async fn record(
 
 /// The leader's intake pull on a subscription of its own, so that leadership can end without a
 /// request still open (see [`IntakePull::release`]). Like async-nats' pull stream it asks for
-/// the next batch when half of the outstanding one has arrived, so messages keep flowing while
-/// a chunk is being dispatched.
+/// the next batch before the outstanding ones have arrived (see [`IntakePull::top_up`]), so
+/// messages keep flowing while a chunk is being dispatched.
 pub struct IntakePull {
     consumer: PullConsumer,
     js: jetstream::Context,
@@ -237,9 +237,11 @@ impl IntakePull {
         })
     }
 
-    /// Asks for another batch when less than half of one is outstanding.
-    async fn top_up(&mut self) -> Result<(), LeaderError> {
-        if self.credit > self.batch / 2 {
+    /// Asks for another batch unless more than one is outstanding: up to two batches are on
+    /// their way while the leader dispatches the chunk in hand, so the next chunk is there when
+    /// it is done instead of costing a pull round trip.
+    pub async fn top_up(&mut self) -> Result<(), LeaderError> {
+        if self.credit > self.batch {
             return Ok(());
         }
         let cfg = jetstream::consumer::pull::BatchConfig {

@@ -44,6 +44,9 @@ const RECORD_WINDOW: usize = 4096;
 /// ~150 MiB and stall its outcome handling behind giant chunks.
 const MAX_CHUNK_BYTES: usize = 512 * 1024;
 
+/// Chunks of intake whose PubAcks and acks are awaited while the next chunk is prepared.
+const CHUNKS_SETTLING: usize = 2;
+
 /// Settings of the leader's dispatch pipeline.
 #[derive(Debug, Clone)]
 pub struct LeaderConfig {
@@ -130,6 +133,70 @@ struct Held {
     retry: Option<String>,
 }
 
+/// An envelope published and not yet confirmed: the `from` indexes of its tasks, its PubAck.
+type Pending = (Vec<usize>, PublishAckFuture);
+
+/// Waits for the PubAcks of `pending`; returns the `from` indexes of envelopes not stored.
+async fn durable(ctx: &LeaderContext, pending: Vec<Pending>) -> HashSet<usize> {
+    let mut failed = HashSet::new();
+    for (from, ack) in pending {
+        match ack.await {
+            Ok(_) => {
+                ctx.metrics.envelopes.inc();
+                ctx.metrics.tasks_dispatched.inc_by(from.len() as u64);
+            }
+            Err(e) => {
+                warn!(error = %e, "envelope not stored; its tasks will be retried");
+                failed.extend(from);
+            }
+        }
+    }
+    failed
+}
+
+/// The second half of a chunk of intake: its envelopes are published, their PubAcks (and those
+/// of its rejected records) outstanding. [`Settle::run`] waits for them and acks every message
+/// whose steps are durable, NAKs the rest. It runs while the leader prepares the next chunk:
+/// the server stores one chunk's envelopes while the next one's records are created, instead of
+/// every chunk paying its round trips one after another.
+struct Settle {
+    ctx: LeaderContext,
+    held: Vec<Held>,
+    envelopes: Vec<Pending>,
+    rejects: Vec<(usize, PublishAckFuture)>,
+}
+
+impl Settle {
+    async fn run(mut self, cancel: CancellationToken) {
+        for i in durable(&self.ctx, self.envelopes).await {
+            self.held[i].ok = false;
+        }
+        for (i, ack) in self.rejects {
+            if ack.await.is_err() {
+                self.held[i].ok = false;
+            }
+        }
+        // Ack only what is durable downstream; everything else comes back. What is durable is
+        // acked even when leadership ended meanwhile: NAKing it would only make the successor
+        // dispatch it a second time.
+        let leading = !cancel.is_cancelled();
+        for h in self.held {
+            let kind = if h.ok {
+                AckKind::Ack
+            } else {
+                self.ctx.metrics.intake_retries.inc();
+                // While leading, a failed step is retried after a pause; once leadership ended,
+                // NAK without delay, so the message is due before anything newer when the
+                // successor pulls (per-key order).
+                AckKind::Nak(leading.then_some(Duration::from_millis(250)))
+            };
+            if let Err(e) = h.msg.ack_with(kind).await {
+                debug!(error = %e, "intake ack");
+            }
+        }
+    }
+}
+
 /// Leads in `epoch` until `cancel` fires: dispatch every intake message exactly once into
 /// `DROVER_WORK`, in order per partition. Returns `true` when leadership ended with every intake
 /// delivery of this term acked or NAKed (confirmed) and no pull request left open, so a graceful
@@ -159,6 +226,8 @@ pub async fn lead(
 
     let mut state = Pipeline::new(ctx.clone(), epoch);
     let mut in_hand = Vec::new();
+    let mut settling: std::collections::VecDeque<tokio::task::JoinHandle<()>> =
+        std::collections::VecDeque::new();
     loop {
         let first = tokio::select! {
             biased;
@@ -214,7 +283,23 @@ pub async fn lead(
             in_hand = chunk;
             break;
         }
-        state.dispatch(chunk, &cancel).await;
+        // The chunks before this one wait for their PubAcks and ack their messages meanwhile;
+        // at most CHUNKS_SETTLING of them at once.
+        while settling.len() >= CHUNKS_SETTLING {
+            if let Some(h) = settling.pop_front() {
+                let _ = h.await;
+            }
+        }
+        // Ask for the next chunk's messages now, so they arrive while this one is dispatched.
+        if let Err(e) = intake.top_up().await {
+            debug!(error = %e, "intake pull");
+        }
+        let settle = state.dispatch(chunk).await;
+        settling.push_back(tokio::spawn(settle.run(cancel.clone())));
+    }
+    // Every chunk in hand is acked (what is durable) or NAKed before the pull is released.
+    for h in settling {
+        let _ = h.await;
     }
     // Leadership ended: release the pull so nothing more arrives, and hand back what came.
     let Some(mut held) = intake.release().await else {
@@ -368,9 +453,10 @@ impl Pipeline {
         &self.ctx
     }
 
-    /// Handles one chunk of intake messages end to end; every message is acked, NAKed or
-    /// rejected by the time it returns.
-    async fn dispatch(&mut self, chunk: Vec<jetstream::Message>, cancel: &CancellationToken) {
+    /// Handles one chunk of intake messages up to the publishes of its envelopes (in chunk
+    /// order, so per-partition order holds); the returned [`Settle`] waits for their PubAcks and
+    /// acks or NAKs every message.
+    async fn dispatch(&mut self, chunk: Vec<jetstream::Message>) -> Settle {
         let now_ms = chrono::Utc::now().timestamp_millis();
         let limits = IntakeLimits {
             max_payload: self.ctx.max_payload,
@@ -550,32 +636,15 @@ impl Pipeline {
         routed = crate::deps::shards::expand(self, routed, &scheduling).await;
 
         // Batch per partition, seal, publish pipelined.
-        for i in self.send(routed).await {
+        let (envelopes, failed) = self.publish(routed).await;
+        for i in failed {
             held[i].ok = false;
         }
-        for (i, ack) in rejects {
-            if ack.await.is_err() {
-                held[i].ok = false;
-            }
-        }
-
-        // Ack only what is durable downstream; everything else comes back. What is durable is
-        // acked even when leadership ended meanwhile: NAKing it would only make the successor
-        // dispatch it a second time.
-        let leading = !cancel.is_cancelled();
-        for h in held {
-            let kind = if h.ok {
-                AckKind::Ack
-            } else {
-                self.ctx.metrics.intake_retries.inc();
-                // While leading, a failed step is retried after a pause; once leadership ended,
-                // NAK without delay, so the message is due before anything newer when the
-                // successor pulls (per-key order).
-                AckKind::Nak(leading.then_some(Duration::from_millis(250)))
-            };
-            if let Err(e) = h.msg.ack_with(kind).await {
-                debug!(error = %e, "intake ack");
-            }
+        Settle {
+            ctx: self.ctx.clone(),
+            held,
+            envelopes,
+            rejects,
         }
     }
 
@@ -583,6 +652,15 @@ impl Pipeline {
     /// for their PubAcks. Returns the `from` indexes some of whose tasks are not durably in
     /// `DROVER_WORK` (their source message must come back).
     pub(crate) async fn send(&mut self, routed: Vec<Routed>) -> HashSet<usize> {
+        let (pending, mut failed) = self.publish(routed).await;
+        failed.extend(durable(&self.ctx, pending).await);
+        failed
+    }
+
+    /// Seals `routed` into envelopes per (queue, partition) and publishes them pipelined, in
+    /// order. Returns the PubAcks to wait for, with the `from` indexes of each envelope's tasks,
+    /// and the `from` indexes whose envelope could not be published.
+    async fn publish(&mut self, routed: Vec<Routed>) -> (Vec<Pending>, HashSet<usize>) {
         let mut failed = HashSet::new();
         let mut batcher: Batcher<Routed> = Batcher::new(self.ctx.config.batcher);
         let mut batches = Vec::new();
@@ -595,7 +673,7 @@ impl Pipeline {
             batches.extend(batcher.push(route, r, size, std::time::Instant::now()));
         }
         batches.extend(batcher.flush_all());
-        let mut pending: Vec<(Vec<usize>, PublishAckFuture)> = Vec::new();
+        let mut pending: Vec<Pending> = Vec::new();
         for batch in batches {
             let from: Vec<usize> = batch.items.iter().map(|r| r.from).collect();
             match self.publish_envelope(batch).await {
@@ -606,19 +684,7 @@ impl Pipeline {
                 }
             }
         }
-        for (from, ack) in pending {
-            match ack.await {
-                Ok(_) => {
-                    self.ctx.metrics.envelopes.inc();
-                    self.ctx.metrics.tasks_dispatched.inc_by(from.len() as u64);
-                }
-                Err(e) => {
-                    warn!(error = %e, "envelope not stored; its tasks will be retried");
-                    failed.extend(from);
-                }
-            }
-        }
-        failed
+        (pending, failed)
     }
 
     /// The partition of `task` (key → FNV, keyless by the queue's strategy, one turn per call),
