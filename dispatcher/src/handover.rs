@@ -237,11 +237,10 @@ impl IntakePull {
         })
     }
 
-    /// Asks for another batch unless more than one is outstanding: up to two batches are on
-    /// their way while the leader dispatches the chunk in hand, so the next chunk is there when
-    /// it is done instead of costing a pull round trip.
+    /// Asks for another batch when less than half of one is outstanding, so the next chunk is
+    /// on its way while the leader dispatches the chunk in hand.
     pub async fn top_up(&mut self) -> Result<(), LeaderError> {
-        if self.credit > self.batch {
+        if self.credit > self.batch / 2 {
             return Ok(());
         }
         let cfg = jetstream::consumer::pull::BatchConfig {
