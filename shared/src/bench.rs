@@ -115,6 +115,12 @@ pub struct RawBaseline {
     /// to the same key (the terminal record of §1.2), the ack sent once both are stored. Tasks/s;
     /// `None` when not measured. No dispatcher can beat this on the same server.
     pub record_floor_rate: Option<f64>,
+    /// The same floor for tasks submitted in arrays ([`RawBaseline::array_size`] per message):
+    /// one publish, delivery and ack per array, a create and an update per task. Tasks/s;
+    /// `None` when not measured.
+    pub array_floor_rate: Option<f64>,
+    /// Tasks per message of [`RawBaseline::array_floor_rate`].
+    pub array_size: usize,
 }
 
 /// Measures [`RawBaseline`] with `bodies` on scratch streams `<scratch>_PUB` and `<scratch>_WQ`
@@ -161,6 +167,8 @@ pub async fn raw_baseline(
             publish_rate,
             publish_consume_rate: bodies.len() as f64 / took.as_secs_f64(),
             record_floor_rate: None,
+            array_floor_rate: None,
+            array_size: 0,
         })
     }
     .await;
@@ -244,18 +252,22 @@ impl WorkQueueRun {
 
 /// Measures a record floor with `bodies` on scratch streams `<scratch>_FLOOR` (a work queue)
 /// and `<scratch>_REC` (one message per subject, like a KV bucket), deleted afterwards: publish
-/// all bodies pipelined while a pull consumer takes them; for each, publish a create of
-/// `<scratch>.rec.<n>` and, with `terminal_write`, an update of it, and ack the message once
-/// those PubAcks arrived. Tasks/s, first publish to last ack. With `terminal_write` this is
-/// [`RawBaseline::record_floor_rate`] (the end-to-end floor); without, the floor under a
+/// all bodies pipelined while a pull consumer takes them; for each body and each of the
+/// `tasks_per_body` tasks it stands for, publish a create of `<scratch>.rec.<n>.<k>` and, with
+/// `terminal_write`, an update of it (each record write carries the body, or its first 256 bytes
+/// for an array), and ack the message once those PubAcks arrived. Tasks/s, first publish to last
+/// ack. With `terminal_write` this is [`RawBaseline::record_floor_rate`] (single submits) or
+/// [`RawBaseline::array_floor_rate`] (arrays), the end-to-end floor; without, the floor under a
 /// dispatcher (intake, duplicate check; envelopes not counted).
 pub async fn record_floor(
     js: &jetstream::Context,
     scratch: &str,
     bodies: &[Bytes],
+    tasks_per_body: usize,
     terminal_write: bool,
     mut on_progress: impl FnMut(usize, usize),
 ) -> Result<f64, BenchError> {
+    let per_body = tasks_per_body.max(1);
     let upper = scratch.to_uppercase().replace(['.', '-'], "_");
     let lower = scratch.to_lowercase();
     let (wq_stream, rec_stream) = (format!("{upper}_FLOOR"), format!("{upper}_REC"));
@@ -275,20 +287,17 @@ pub async fn record_floor(
         // The record writes get a context (and PubAck window) of their own: sharing the
         // publisher's would deadlock, each side holding permits the other waits for.
         let records = js_context(js.client());
+        // Bodies in hand with their record writes' PubAcks, and how many writes that is.
         let mut in_flight = VecDeque::new();
+        let mut writes_in_flight = 0;
         let mut acked = 0;
-        let settle = |(create, update, m): (
-            jetstream::context::PublishAckFuture,
-            Option<jetstream::context::PublishAckFuture>,
+        let settle = |(writes, m): (
+            Vec<jetstream::context::PublishAckFuture>,
             jetstream::Message,
         )| async move {
-            create
-                .await
-                .map_err(|e| nats_err("floor create")(e.to_string()))?;
-            if let Some(update) = update {
-                update
-                    .await
-                    .map_err(|e| nats_err("floor update")(e.to_string()))?;
+            for w in writes {
+                w.await
+                    .map_err(|e| nats_err("floor record write")(e.to_string()))?;
             }
             m.ack()
                 .await
@@ -296,26 +305,36 @@ pub async fn record_floor(
         };
         for n in 0..bodies.len() {
             let m = run.next("floor consume").await?;
-            let subject = format!("{lower}.rec.{n}");
-            let mut expect_none = async_nats::HeaderMap::new();
-            expect_none.insert("Nats-Expected-Last-Subject-Sequence", "0");
-            let create = records
-                .publish_with_headers(subject.clone(), expect_none, m.payload.clone())
-                .await
-                .map_err(|e| nats_err("floor create")(e.to_string()))?;
-            let update = if terminal_write {
-                Some(
-                    records
-                        .publish(subject, m.payload.clone())
-                        .await
-                        .map_err(|e| nats_err("floor update")(e.to_string()))?,
-                )
+            let record = if per_body == 1 {
+                m.payload.clone()
             } else {
-                None
+                m.payload.slice(..m.payload.len().min(256))
             };
-            in_flight.push_back((create, update, m));
-            while in_flight.len() >= WINDOW / 4 {
+            let mut writes = Vec::with_capacity(per_body * 2);
+            for k in 0..per_body {
+                let subject = format!("{lower}.rec.{n}.{k}");
+                let mut expect_none = async_nats::HeaderMap::new();
+                expect_none.insert("Nats-Expected-Last-Subject-Sequence", "0");
+                writes.push(
+                    records
+                        .publish_with_headers(subject.clone(), expect_none, record.clone())
+                        .await
+                        .map_err(|e| nats_err("floor create")(e.to_string()))?,
+                );
+                if terminal_write {
+                    writes.push(
+                        records
+                            .publish(subject, record.clone())
+                            .await
+                            .map_err(|e| nats_err("floor update")(e.to_string()))?,
+                    );
+                }
+            }
+            writes_in_flight += writes.len();
+            in_flight.push_back((writes, m));
+            while writes_in_flight >= WINDOW / 4 {
                 if let Some(f) = in_flight.pop_front() {
+                    writes_in_flight -= f.0.len();
                     settle(f).await?;
                     acked += 1;
                     on_progress(acked, bodies.len());
@@ -328,7 +347,7 @@ pub async fn record_floor(
             on_progress(acked, bodies.len());
         }
         let took = run.finish().await?;
-        Ok(bodies.len() as f64 / took.as_secs_f64())
+        Ok((bodies.len() * per_body) as f64 / took.as_secs_f64())
     }
     .await;
     let _ = js.delete_stream(&wq_stream).await;

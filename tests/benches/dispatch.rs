@@ -117,7 +117,7 @@ async fn main() {
     });
     // The floor under any dispatcher that keeps SPEC's duplicate check: the same, plus a
     // record create per message before its ack (no envelopes, no validation, no crypto).
-    let floor = record_floor(&js, "bench_floor", &bodies, false, |_, _| {})
+    let floor = record_floor(&js, "bench_floor", &bodies, 1, false, |_, _| {})
         .await
         .expect("record floor");
     rows.push(Row {

@@ -181,13 +181,15 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
 
 /// The raw baseline, then the scenarios asked for.
 async fn measure(args: &BenchArgs, target: &Target) -> anyhow::Result<Report> {
-    let raw = raw::measure(target, args.tasks).await?;
-    let mut report = Report::new(target.describe(), raw);
     // `all` measures both single and array submits (arrays of --array, 100 unless given);
     // `throughput` alone measures what --array says.
     let all = args.scenario == Scenario::All;
     let single = (all || args.array == 1).then_some(1);
     let array = if args.array > 1 { args.array } else { 100 };
+    let arrays =
+        (all || (args.scenario == Scenario::Throughput && args.array > 1)).then_some(array);
+    let raw = raw::measure(target, args.tasks, arrays).await?;
+    let mut report = Report::new(target.describe(), raw);
     let plan: Vec<Scenario> = match args.scenario {
         Scenario::All => vec![
             Scenario::Throughput,

@@ -14,8 +14,13 @@ const MAX_MESSAGES: usize = 200_000;
 /// Smallest raw measurement: below this start-up dominates.
 const MIN_MESSAGES: usize = 2_000;
 
-/// Measures the baseline with `tasks` messages (clamped to 2,000..=200,000).
-pub(crate) async fn measure(target: &Target, tasks: usize) -> anyhow::Result<RawBaseline> {
+/// Measures the baseline with `tasks` messages (clamped to 2,000..=200,000), and with
+/// `array = Some(k)` the record floor of the same tasks submitted `k` per message too.
+pub(crate) async fn measure(
+    target: &Target,
+    tasks: usize,
+    array: Option<usize>,
+) -> anyhow::Result<RawBaseline> {
     let n = tasks.clamp(MIN_MESSAGES, MAX_MESSAGES);
     let bodies: Vec<Bytes> = (0..n)
         .map(|i| {
@@ -32,11 +37,29 @@ pub(crate) async fn measure(target: &Target, tasks: usize) -> anyhow::Result<Raw
     bar.finish_and_clear();
     let mut raw = raw?;
     let bar = super::progress(n as u64, "raw record floor");
-    let floor = record_floor(&target.js, &scratch, &bodies, true, |done, _| {
+    let floor = record_floor(&target.js, &scratch, &bodies, 1, true, |done, _| {
         bar.set_position(done as u64)
     })
     .await;
     bar.finish_and_clear();
     raw.record_floor_rate = Some(floor?);
+    if let Some(k) = array.filter(|&k| k > 1) {
+        let arrays: Vec<Bytes> = (0..n.div_ceil(k))
+            .map(|a| {
+                let tasks: Vec<_> = (a * k..(a + 1) * k)
+                    .map(|i| noop_task(i, Some(&format!("{}-rawa-{i}", target.run_id))))
+                    .collect();
+                serde_json::to_vec(&tasks).map(Bytes::from)
+            })
+            .collect::<Result<_, _>>()?;
+        let bar = super::progress(arrays.len() as u64, "raw record floor, arrays");
+        let floor = record_floor(&target.js, &scratch, &arrays, k, true, |done, _| {
+            bar.set_position(done as u64)
+        })
+        .await;
+        bar.finish_and_clear();
+        raw.array_floor_rate = Some(floor?);
+        raw.array_size = k;
+    }
     Ok(raw)
 }

@@ -196,6 +196,16 @@ impl Report {
                 .record_floor_rate
                 .map_or_else(|| "not measured".to_owned(), thousands),
         );
+        if let Some(floor) = self.raw.array_floor_rate {
+            out.insert_str(
+                out.len() - 1,
+                &format!(
+                    "array floor {} tasks/s: the same for tasks submitted {} per message (one publish, delivery and ack per array; a create and an update per task)\n",
+                    thousands(floor),
+                    self.raw.array_size
+                ),
+            );
+        }
         let mut table = Table::new(&[
             ("SCENARIO", 0),
             ("MEASURE", 48),
@@ -248,6 +258,12 @@ pub(crate) fn plot(report: &Report, dir: &Path) -> anyhow::Result<Vec<PathBuf>> 
     if let Some(floor) = report.raw.record_floor_rate {
         bars.push((
             "raw record floor (SPEC's server work per task)".to_owned(),
+            floor,
+        ));
+    }
+    if let Some(floor) = report.raw.array_floor_rate {
+        bars.push((
+            format!("raw record floor, arrays of {}", report.raw.array_size),
             floor,
         ));
     }
@@ -398,6 +414,8 @@ mod tests {
             publish_rate: 100.0,
             publish_consume_rate: 50.0,
             record_floor_rate: None,
+            array_floor_rate: None,
+            array_size: 0,
         };
         let r = Row::rate("x", 25.0, &raw);
         assert_eq!(

@@ -111,7 +111,12 @@ pub(crate) async fn run(
                 raw,
             ),
         ];
-        if let Some(floor) = raw.record_floor_rate {
+        let floor = if array == 1 {
+            raw.record_floor_rate
+        } else {
+            raw.array_floor_rate.filter(|_| raw.array_size == array)
+        };
+        if let Some(floor) = floor {
             rows.push(Row::plain(
                 format!("{what} ÷ record floor"),
                 rate / floor,
@@ -133,7 +138,7 @@ pub(crate) async fn run(
                 "tasks_per_second": rate,
                 "x_raw_publish_consume": rate / raw.publish_consume_rate,
                 "x_raw_publish": rate / raw.publish_rate,
-                "x_record_floor": raw.record_floor_rate.map(|f| rate / f),
+                "x_record_floor": floor.map(|f| rate / f),
             }),
             rows,
             curves: Vec::new(),
