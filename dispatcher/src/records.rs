@@ -82,18 +82,13 @@ impl Records {
         })
     }
 
-    /// The current records of the tasks of `outcomes`, in one batched direct get
-    /// ([`drover_shared::kv_batch`]); ids without a record map to revision 0. `None` when the
-    /// batched read failed or there are fewer than [`BATCHED_READ_MIN`] outcomes (callers then
-    /// read one by one).
-    pub async fn read_many(
-        &self,
-        outcomes: &[drover_shared::outcome::Outcome],
-    ) -> Option<HashMap<String, Current>> {
-        if outcomes.len() < BATCHED_READ_MIN {
+    /// The current records of `ids`, in one batched direct get ([`drover_shared::kv_batch`]);
+    /// ids without a record map to revision 0. `None` when the batched read failed or there are
+    /// fewer than [`BATCHED_READ_MIN`] ids (callers then read one by one).
+    pub async fn read_many(&self, ids: Vec<String>) -> Option<HashMap<String, Current>> {
+        if ids.len() < BATCHED_READ_MIN {
             return None;
         }
-        let ids: Vec<String> = outcomes.iter().map(|o| o.task.id.clone()).collect();
         let mut found = match kv_batch::get_many(&self.js.client(), &self.bucket, &ids).await {
             Ok(f) => f,
             Err(e) => {

@@ -110,13 +110,13 @@ impl Handler {
         };
         // A success whose worker knew the record's revision is written over it unread (see
         // `known_revision`); the rest are read, in one batched read when there are several.
-        let unread: Vec<_> = decoded
+        let unread: Vec<String> = decoded
             .outcomes
             .iter()
             .filter(|o| known_revision(o).is_none())
-            .cloned()
+            .map(|o| o.task.id.clone())
             .collect();
-        let mut first_reads = self.records.read_many(&unread).await;
+        let mut first_reads = self.records.read_many(unread).await;
         let results: Vec<Result<(), String>> =
             futures::future::join_all(decoded.outcomes.iter().map(|o| {
                 let first = known_revision(o)
