@@ -1009,14 +1009,13 @@ async fn progress_is_written_into_the_running_record() {
         tokio::time::sleep(Duration::from_millis(1500)).await;
         Ok::<_, HandlerError>(serde_json::Value::Null)
     };
-    let shutdown = CancellationToken::new();
-    let w = Worker::builder(f.settings("pq-a", "pq"))
-        .handler("prog", handler)
-        .build()
-        .unwrap();
-    let h = tokio::spawn(w.run(shutdown.clone()));
-    f.wait_workers(&["pq-a"], &[]).await;
-    f.assign("pq", 1, 1, &[(0, "pq-a".to_owned())].into()).await;
+    let w = f
+        .worker_in_process(
+            "pq",
+            "pq-a",
+            Worker::builder(f.settings("pq-a", "pq")).handler("prog", handler),
+        )
+        .await;
     f.dispatch(
         "pq",
         0,
@@ -1042,12 +1041,7 @@ async fn progress_is_written_into_the_running_record() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert_eq!(seen, ["0.250", "1.000"], "0.5 came within 500 ms of 0.25");
-    shutdown.cancel();
-    tokio::time::timeout(Duration::from_secs(10), h)
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
+    w.stop().await;
 }
 
 /// An outcome carries the revision of the task's record as its attempt last saw it, so the leader
@@ -1061,14 +1055,13 @@ async fn outcomes_carry_the_record_revision_the_attempt_last_saw() {
         tokio::time::sleep(Duration::from_millis(300)).await;
         Ok::<_, HandlerError>(serde_json::Value::Null)
     };
-    let shutdown = CancellationToken::new();
-    let w = Worker::builder(f.settings("rq-a", "rq"))
-        .handler("nap", handler)
-        .build()
-        .unwrap();
-    let h = tokio::spawn(w.run(shutdown.clone()));
-    f.wait_workers(&["rq-a"], &[]).await;
-    f.assign("rq", 1, 1, &[(0, "rq-a".to_owned())].into()).await;
+    let w = f
+        .worker_in_process(
+            "rq",
+            "rq-a",
+            Worker::builder(f.settings("rq-a", "rq")).handler("nap", handler),
+        )
+        .await;
     f.dispatch(
         "rq",
         0,
@@ -1084,15 +1077,43 @@ async fn outcomes_carry_the_record_revision_the_attempt_last_saw() {
     let record: TaskRecord = serde_json::from_slice(&entry.value).unwrap();
     assert_eq!(record.state, TaskState::Running);
     assert_eq!(f.outcomes_of("rq-1")[0].1.revision, Some(entry.revision));
-    shutdown.cancel();
-    tokio::time::timeout(Duration::from_secs(10), h)
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
+    w.stop().await;
+}
+
+/// A worker running in this test's process (for handlers of the test's own).
+struct InProcess {
+    shutdown: CancellationToken,
+    handle: tokio::task::JoinHandle<Result<(), drover_worker::WorkerError>>,
+}
+
+impl InProcess {
+    /// Stops the worker and waits for it to exit cleanly.
+    async fn stop(self) {
+        self.shutdown.cancel();
+        tokio::time::timeout(Duration::from_secs(10), self.handle)
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+    }
 }
 
 impl Fixture {
+    /// Starts `builder`'s worker `id` in this process, waits for its registration, and assigns
+    /// it the only partition of `queue`.
+    async fn worker_in_process(
+        &self,
+        queue: &str,
+        id: &str,
+        builder: drover_worker::WorkerBuilder,
+    ) -> InProcess {
+        let shutdown = CancellationToken::new();
+        let handle = tokio::spawn(builder.build().unwrap().run(shutdown.clone()));
+        self.wait_workers(&[id], &[]).await;
+        self.assign(queue, 1, 1, &[(0, id.to_owned())].into()).await;
+        InProcess { shutdown, handle }
+    }
+
     /// Publishes a task's envelope without touching its record (a retry's record is the leader's).
     async fn publish_raw_task(&self, t: &Task) {
         let (h, body) = seal(&keyring(), &t.queue, 0, std::slice::from_ref(t));
