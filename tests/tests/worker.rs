@@ -1010,11 +1010,7 @@ async fn progress_is_written_into_the_running_record() {
         Ok::<_, HandlerError>(serde_json::Value::Null)
     };
     let w = f
-        .worker_in_process(
-            "pq",
-            "pq-a",
-            Worker::builder(f.settings("pq-a", "pq")).handler("prog", handler),
-        )
+        .worker_in_process("pq", "pq-a", |b| b.handler("prog", handler))
         .await;
     f.dispatch(
         "pq",
@@ -1056,11 +1052,7 @@ async fn outcomes_carry_the_record_revision_the_attempt_last_saw() {
         Ok::<_, HandlerError>(serde_json::Value::Null)
     };
     let w = f
-        .worker_in_process(
-            "rq",
-            "rq-a",
-            Worker::builder(f.settings("rq-a", "rq")).handler("nap", handler),
-        )
+        .worker_in_process("rq", "rq-a", |b| b.handler("nap", handler))
         .await;
     f.dispatch(
         "rq",
@@ -1099,14 +1091,15 @@ impl InProcess {
 }
 
 impl Fixture {
-    /// Starts `builder`'s worker `id` in this process, waits for its registration, and assigns
-    /// it the only partition of `queue`.
+    /// Starts worker `id` of `queue` in this process with the handlers `with` adds, waits for
+    /// its registration, and assigns it the only partition of `queue`.
     async fn worker_in_process(
         &self,
         queue: &str,
         id: &str,
-        builder: drover_worker::WorkerBuilder,
+        with: impl FnOnce(drover_worker::WorkerBuilder) -> drover_worker::WorkerBuilder,
     ) -> InProcess {
+        let builder = with(Worker::builder(self.settings(id, queue)));
         let shutdown = CancellationToken::new();
         let handle = tokio::spawn(builder.build().unwrap().run(shutdown.clone()));
         self.wait_workers(&[id], &[]).await;
